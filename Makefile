@@ -1,0 +1,36 @@
+# radam_dist: two commands matter, `make demo` and `make test`.
+# Each builds .venv from nothing (Python 3.11, versions pinned in requirements.txt)
+# and refreshes it when requirements.txt or setup.py change.
+
+PYTHON ?= python3.11
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.radam_dist-installed
+
+.PHONY: venv demo test bench clean help
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+
+venv: $(STAMP)  ## create or refresh .venv
+
+$(STAMP): requirements.txt requirements-nodeps.txt setup.py
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+# Capability-specific recipes (generated gRPC stubs, the Horovod build, ...).
+-include mk/*.mk
+
+test: $(STAMP) $(TEST_PREREQS)  ## run the test suite
+	$(VPY) -m pytest tests $(PYTEST_ARGS)
+
+demo: $(STAMP) $(DEMO_PREREQS)  ## train the demo model and write out/
+	$(VPY) -m radam_dist.demo $(DEMO_ARGS)
+
+clean:  ## remove build outputs (keeps .venv)
+	rm -rf out build *.egg-info .pytest_cache

@@ -1,0 +1,184 @@
+"""``Lookahead`` (Zhang et al., 2019, arXiv:1907.08610) around any Keras 3 optimizer.
+
+With ``RectifiedAdam`` inside it is "Ranger". Semantics are tfa 0.23's: slow weights start
+at the variables' values; after inner steps k, 2k, ... (1-based)
+``slow += slow_step_size * (fast - slow)`` and ``fast = slow``; one step counter, the inner
+optimizer's.
+
+Fixed relative to tfa:
+* slots may be created lazily inside the first distributed step (tfa needed them to exist
+  before a MirroredStrategy step);
+* the synchronisation runs only on sync steps, so an embedding table with sparse gradients is
+  not rewritten on every step;
+* a step the inner optimizer skips (a LossScaleOptimizer seeing inf/NaN gradients) neither
+  advances nor triggers the synchronisation (tensorflow/addons#2351).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import keras
+import tensorflow as tf
+
+from radam_dist import radam_math
+from radam_dist.optimizers.classic_api import ClassicOptimizerAPI
+
+
+class Lookahead(ClassicOptimizerAPI, keras.optimizers.Optimizer):
+    """Wraps ``optimizer``; every ``sync_period`` steps pulls the weights toward slow copies.
+
+    Args:
+        optimizer: a Keras 3 optimizer instance, or its name / config.
+        sync_period: k, the number of inner steps between synchronisations.
+        slow_step_size: alpha, how far the slow weights move toward the fast ones.
+    """
+
+    def __init__(
+        self,
+        optimizer: Union[keras.optimizers.Optimizer, str, dict],
+        sync_period: int = 6,
+        slow_step_size: float = 0.5,
+        name: str = "Lookahead",
+        **kwargs,
+    ):
+        for key in ("is_legacy_optimizer", "jit_compile"):
+            kwargs.pop(key, None)
+        if isinstance(optimizer, (str, dict)):
+            optimizer = keras.optimizers.get(optimizer)
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                "Lookahead wraps a Keras 3 optimizer (keras.optimizers.Optimizer); got "
+                f"{type(optimizer).__name__}. tf.keras / tfa optimizers do not run on Keras 3."
+            )
+        if int(sync_period) != sync_period or sync_period < 1:
+            raise ValueError(f"sync_period must be a positive integer, got {sync_period!r}")
+        if not 0.0 <= slow_step_size <= 1.0:
+            raise ValueError(f"slow_step_size must be in [0, 1], got {slow_step_size}")
+        super().__init__(learning_rate=0.0, name=name, **kwargs)
+        # The step counter and the learning rate are the inner optimizer's.
+        self._untrack_variable(self._learning_rate)
+        self._untrack_variable(self._iterations)
+        self.inner_optimizer = optimizer
+        self.sync_period = int(sync_period)
+        self.slow_step_size = float(slow_step_size)
+        self._aggregate_gradients = True
+        self._init_slots()
+
+    # -- shared state -------------------------------------------------------------------------
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        # Keras' base __init__ sets a placeholder rate before the inner optimizer exists.
+        if "inner_optimizer" in self.__dict__:
+            self.inner_optimizer.learning_rate = value
+
+    @property
+    def variables(self) -> list:
+        return self._variables[:] + list(self.inner_optimizer.variables)
+
+    @property
+    def weights(self) -> list:
+        """tfa's order: the step count, the inner optimizer's slots, then the slow weights."""
+        inner = self.inner_optimizer
+        inner_slots = inner.weights[1:] if isinstance(inner, ClassicOptimizerAPI) else [
+            v for v in inner.variables if v is not inner.iterations
+            and v is not getattr(inner, "_learning_rate", None)
+        ]
+        return [self.iterations] + inner_slots + [self._slots["slow"][k] for _, k in self._slot_order]
+
+    def get_slot(self, var, slot_name: str):
+        if slot_name != "slow" and isinstance(self.inner_optimizer, ClassicOptimizerAPI):
+            return self.inner_optimizer.get_slot(var, slot_name)
+        return super().get_slot(var, slot_name)
+
+    def get_slot_names(self) -> List[str]:
+        inner = self.inner_optimizer
+        names = inner.get_slot_names() if isinstance(inner, ClassicOptimizerAPI) else []
+        return names + ["slow"]
+
+    def build(self, var_list):
+        if self.built:
+            return
+        if not self.inner_optimizer.built:
+            self.inner_optimizer.build(var_list)
+        super().build(var_list)
+        for var in var_list:
+            slot = self.add_slot(var, "slow")
+            with tf.init_scope():  # once, with the current value; never part of a traced step
+                slot.assign(var)
+
+    # -- one step -------------------------------------------------------------------------------
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is None:
+            trainable_variables = self._trainable_variables
+        else:
+            trainable_variables = list(trainable_variables)
+            if not self.built:
+                with keras.name_scope(self.name, caller=self):
+                    self.build(trainable_variables)
+                self.built = True
+            self._check_variables_are_known(trainable_variables)
+        before = tf.identity(self.iterations)
+        inner = self.inner_optimizer
+        forwarded = hasattr(inner, "_aggregate_gradients")
+        if forwarded:
+            previous, inner._aggregate_gradients = inner._aggregate_gradients, self._aggregate_gradients
+        try:
+            with tf.control_dependencies([before]):
+                inner.apply(grads, trainable_variables)
+        finally:
+            if forwarded:
+                inner._aggregate_gradients = previous
+        after = tf.convert_to_tensor(self.iterations)
+        sync = tf.logical_and(after > before, after % self.sync_period == 0)
+        variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_sync, self._distribution_strategy, variables, sync
+        )
+
+    def _distributed_sync(self, distribution, variables, sync):
+        for var in variables:
+            distribution.extended.update(var, self._sync_variable, args=(sync,), group=False)
+
+    def _sync_variable(self, var, sync):
+        slow = self._slots["slow"][self._var_key(var)]
+        slow = slow.value if isinstance(slow, keras.Variable) else slow
+
+        def pull_back():
+            radam_math.lookahead_pull_back(var, slow, self.slow_step_size)
+            return tf.constant(True)
+
+        return tf.cond(sync, pull_back, lambda: tf.constant(False))
+
+    def update_step(self, gradient, variable, learning_rate):
+        raise NotImplementedError("Lookahead applies whole steps through apply()")
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    # -- config ---------------------------------------------------------------------------------
+    def get_config(self) -> dict:
+        return {
+            "name": self.name,
+            "optimizer": keras.optimizers.serialize(self.inner_optimizer),
+            "sync_period": self.sync_period,
+            "slow_step_size": self.slow_step_size,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects: Optional[dict] = None):
+        config = dict(config)
+        inner = keras.optimizers.deserialize(config.pop("optimizer"), custom_objects=custom_objects)
+        return cls(inner, **config)
+
+
+keras.saving.get_custom_objects()["Addons>Lookahead"] = Lookahead
+Lookahead = keras.saving.register_keras_serializable(package="radam_dist")(Lookahead)

@@ -1,0 +1,276 @@
+"""``RectifiedAdam``: tensorflow-addons 0.23's RAdam as a Keras 3 optimizer."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, Union
+
+import keras
+import tensorflow as tf
+
+from radam_dist import radam_math
+from radam_dist.optimizers.classic_api import ClassicOptimizerAPI, maybe_float
+
+Hyper = Union[float, keras.optimizers.schedules.LearningRateSchedule, Callable[[], Any]]
+
+# Keys that tf.keras / tfa configs carry and Keras 3 does not know.
+_LEGACY_CONFIG_KEYS = ("is_legacy_optimizer", "jit_compile")
+
+
+def _evaluate(value: Hyper, step):
+    """A float, a schedule evaluated at the 0-based ``step``, or a zero-argument callable."""
+    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+        return value(step)
+    if callable(value):
+        return value()
+    return value
+
+
+def _serialize_hyper(value: Hyper):
+    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+        return keras.optimizers.schedules.serialize(value)
+    if callable(value):
+        return keras.saving.serialize_keras_object(value)
+    return float(value)
+
+
+def _deserialize_hyper(value, custom_objects=None):
+    if isinstance(value, dict):
+        if "module" in value or "registered_name" in value:
+            return keras.saving.deserialize_keras_object(value, custom_objects=custom_objects)
+        return keras.optimizers.schedules.deserialize(value)  # tf.keras-style schedule config
+    return value
+
+
+class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
+    """Rectified Adam (Liu et al., 2019, arXiv:1908.03265), numerically as in tfa 0.23.
+
+    Args:
+        learning_rate: a float, a ``keras.optimizers.schedules.LearningRateSchedule`` (called
+            with the 0-based iteration count) or a zero-argument callable.
+        beta_1, beta_2: decay rates of the first and second moment estimates.
+        epsilon: added to the square root of the second moment (outside the root).
+        weight_decay: decoupled weight decay (``lr_t * weight_decay * var``); a float, a
+            schedule or a callable. ``exclude_from_weight_decay`` works as in Keras 3.
+        amsgrad: keep the running maximum of the second moment (slot ``vhat``).
+        sma_threshold: rectify when the approximated SMA length is at least this.
+        total_steps: if > 0, warm up linearly over ``total_steps * warmup_proportion`` steps,
+            then decay linearly to ``min_lr`` at ``total_steps``.
+        warmup_proportion, min_lr: see ``total_steps``.
+        **kwargs: ``lr`` (alias of learning_rate), ``decay`` (legacy inverse-time decay
+            ``lr / (1 + decay * iterations)``), ``clipnorm``, ``clipvalue``,
+            ``global_clipnorm`` and Keras 3's optimizer arguments (``use_ema``,
+            ``gradient_accumulation_steps``, ``loss_scale_factor``, ...).
+
+    Differences from tfa (documented in README): no NaN for ``sma_threshold < 4``;
+    coefficients in float32 for 16-bit variables; ``effective_learning_rate`` exposes the
+    warmup-adjusted rate.
+    """
+
+    _SLOT_NAMES = ("m", "v")
+
+    def __init__(
+        self,
+        learning_rate: Hyper = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        weight_decay: Hyper = 0.0,
+        amsgrad: bool = False,
+        sma_threshold: float = 5.0,
+        total_steps: int = 0,
+        warmup_proportion: float = 0.1,
+        min_lr: float = 0.0,
+        name: str = "RectifiedAdam",
+        **kwargs,
+    ):
+        if "lr" in kwargs:
+            learning_rate = kwargs.pop("lr")
+        decay = float(kwargs.pop("decay", 0.0) or 0.0)
+        for key in _LEGACY_CONFIG_KEYS:
+            kwargs.pop(key, None)
+        if kwargs.get("weight_decay") is not None:  # only reachable via **config
+            weight_decay = kwargs.pop("weight_decay")
+        super().__init__(learning_rate=maybe_float(learning_rate), name=name, **kwargs)
+        _check_range("beta_1", beta_1, 0.0, 1.0)
+        _check_range("beta_2", beta_2, 0.0, 1.0)
+        if decay < 0:
+            raise ValueError(f"decay must be >= 0, got {decay}")
+        if int(total_steps) != total_steps or total_steps < 0:
+            raise ValueError(f"total_steps must be a non-negative integer, got {total_steps!r}")
+        if not 0.0 <= warmup_proportion <= 1.0:
+            raise ValueError(f"warmup_proportion must be in [0, 1], got {warmup_proportion}")
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon or keras.config.epsilon())
+        self.amsgrad = bool(amsgrad)
+        self.sma_threshold = float(sma_threshold)
+        self.total_steps = int(total_steps)
+        self.warmup_proportion = float(warmup_proportion)
+        self.min_lr = float(min_lr)
+        self.decay = decay
+        # Decoupled decay is part of our update; Keras 3's own `weight_decay` stays unused.
+        self.radam_weight_decay = maybe_float(weight_decay)
+        self._has_weight_decay = callable(weight_decay) or weight_decay != 0.0
+        self._aggregate_gradients = True
+        self._init_slots()
+
+    # -- hyperparameters ----------------------------------------------------------------------
+    @property
+    def hyperparams(self) -> radam_math.RAdamHyperparams:
+        return radam_math.RAdamHyperparams(
+            beta_1=self.beta_1,
+            beta_2=self.beta_2,
+            epsilon=self.epsilon,
+            amsgrad=self.amsgrad,
+            sma_threshold=self.sma_threshold,
+            total_steps=float(self.total_steps),
+            warmup_proportion=self.warmup_proportion,
+            min_lr=self.min_lr,
+        )
+
+    @property
+    def weight_decay(self):
+        return getattr(self, "radam_weight_decay", None)
+
+    @weight_decay.setter
+    def weight_decay(self, value):
+        # Keras 3's base class assigns None here; our decay lives in `radam_weight_decay`.
+        if value is not None:
+            self.radam_weight_decay = value
+
+    def _apply_weight_decay(self, variables):
+        """Keras 3 would decay before the update; RAdam decays inside it (tfa's order)."""
+
+    # -- state --------------------------------------------------------------------------------
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        for name in self._SLOT_NAMES + (("vhat",) if self.amsgrad else ()):
+            for var in var_list:
+                self.add_slot(var, name)
+
+    # -- one step -------------------------------------------------------------------------------
+    def step_scalars(self, learning_rate=None, dtype: tf.DType = tf.float32) -> radam_math.StepScalars:
+        """The per-step scalars of the next step (iterations + 1), in ``dtype``."""
+        if learning_rate is None:
+            learning_rate = self.learning_rate
+        iterations = self.iterations
+        lr = tf.cast(learning_rate, dtype)
+        if self.decay > 0:
+            lr = lr / (1.0 + tf.cast(self.decay, dtype) * tf.cast(iterations, dtype))
+        weight_decay = _evaluate(self.radam_weight_decay, self._iterations)
+        return radam_math.step_scalars(
+            iterations + 1,
+            lr,
+            weight_decay,
+            self.hyperparams,
+            dtype=dtype,
+            has_weight_decay=self._has_weight_decay,
+        )
+
+    @property
+    def effective_learning_rate(self) -> tf.Tensor:
+        """The rate the next step applies after warmup and legacy decay (tfa hid it, #2542).
+
+        Same convention as Keras' ``learning_rate``: the value for step ``iterations + 1``.
+        """
+        return self.step_scalars().lr
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        grads_and_vars = list(zip(grads, variables))
+        if self._aggregate_gradients:
+            grads_and_vars = self._all_reduce_sum_gradients(grads_and_vars)
+        grads_and_vars = list(zip(self._clip_aggregated([g for g, _ in grads_and_vars]), variables))
+        dtypes = {radam_math.compute_dtype(v.dtype) for v in variables}
+        scalars = {d.name: self.step_scalars(learning_rate, d) for d in sorted(dtypes, key=str)}
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_update, self._distribution_strategy, grads_and_vars, scalars
+        )
+
+    def _distributed_update(self, distribution, grads_and_vars, scalars):
+        for grad, var in grads_and_vars:
+            distribution.extended.update(
+                var, self._update_variable, args=(grad, scalars), group=False
+            )
+
+    def _update_variable(self, var, grad, scalars: Dict[str, radam_math.StepScalars]):
+        s = scalars[radam_math.compute_dtype(var.dtype).name]
+        if s.has_weight_decay and not self._use_weight_decay(var):
+            s = s._replace(has_weight_decay=False)
+        m, v, vhat = (self._slot_value(name, var) for name in ("m", "v", "vhat"))
+        if isinstance(grad, tf.IndexedSlices):
+            radam_math.apply_sparse(var, grad.values, grad.indices, m, v, vhat, s)
+        else:
+            radam_math.apply_dense(var, grad, m, v, vhat, s)
+
+    def _slot_value(self, name, var):
+        per_var = self._slots.get(name)
+        if per_var is None:
+            return None
+        slot = per_var[self._var_key(var)]
+        return slot.value if isinstance(slot, keras.Variable) else slot
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Keras 3's per-variable hook (used by wrappers that drive variables one by one)."""
+        var = variable.value if isinstance(variable, keras.Variable) else variable
+        dtype = radam_math.compute_dtype(var.dtype)
+        self._update_variable(var, gradient, {dtype.name: self.step_scalars(learning_rate, dtype)})
+
+    def _clip_gradients(self, grads):
+        """Keras 3 clips before the cross-replica sum; we clip after it (``_clip_aggregated``)
+        as tf.keras did, so clipping sees the global batch's gradient."""
+        return grads
+
+    def _clip_aggregated(self, grads):
+        """tf.keras's clipping (tf.clip_by_*), which also clips IndexedSlices values."""
+        if self.clipnorm and self.clipnorm > 0:
+            return [None if g is None else tf.clip_by_norm(g, self.clipnorm) for g in grads]
+        if self.global_clipnorm and self.global_clipnorm > 0:
+            present = [g for g in grads if g is not None]
+            clipped = iter(tf.clip_by_global_norm(present, self.global_clipnorm)[0])
+            return [None if g is None else next(clipped) for g in grads]
+        if self.clipvalue and self.clipvalue > 0:
+            c = self.clipvalue
+            return [None if g is None else tf.clip_by_value(g, -c, c) for g in grads]
+        return grads
+
+    # -- config ---------------------------------------------------------------------------------
+    def get_config(self) -> dict:
+        """tfa's keys (learning_rate, beta_1, ..., min_lr, decay) plus Keras 3's own."""
+        config = super().get_config()
+        config.update(
+            {
+                "weight_decay": _serialize_hyper(self.radam_weight_decay),
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "amsgrad": self.amsgrad,
+                "sma_threshold": self.sma_threshold,
+                "total_steps": self.total_steps,
+                "warmup_proportion": self.warmup_proportion,
+                "min_lr": self.min_lr,
+                "decay": self.decay,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None):
+        config = dict(config)
+        for key in ("learning_rate", "lr", "weight_decay"):
+            if key in config:
+                config[key] = _deserialize_hyper(config[key], custom_objects)
+        return cls(**config)
+
+
+def _check_range(name, value, low, high):
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
+
+
+# Serialize as radam_dist>RectifiedAdam; also load tfa configs ("Addons>RectifiedAdam").
+keras.saving.get_custom_objects()["Addons>RectifiedAdam"] = RectifiedAdam
+RectifiedAdam = keras.saving.register_keras_serializable(package="radam_dist")(RectifiedAdam)

@@ -1,0 +1,227 @@
+"""The one home of the RAdam math: warmup, rectification, and the per-variable update.
+
+Everything that applies RAdam (the Keras optimizer, the replica-sharded path, the gRPC
+parameter server) calls these functions, so the numbers cannot drift apart.
+
+The split follows optax's composition of small transforms: the per-step scalars
+(``step_scalars``) depend only on the step count and the hyperparameters and are computed
+once per step, not once per variable; ``apply_dense`` / ``apply_sparse`` then do the
+elementwise work on one variable and its slots.
+
+The arithmetic follows tensorflow-addons 0.23 operation by operation (same order of
+multiplications, epsilon outside the square root, coefficients as reciprocals) so float32
+results agree to round-off. Where tfa is wrong we deviate on purpose:
+
+* the coefficients are computed in float32 (float64 for float64 variables), never in a
+  16-bit variable dtype, where beta_2 rounds to 1.0 and the step count saturates;
+* the rectification term is never NaN: where tfa takes the square root of a negative number
+  (2 < sma_t < 4, reachable with sma_threshold < 4) we take the un-rectified momentum step,
+  the RAdam paper's rule for when the variance of the adaptive rate is intractable.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import tensorflow as tf
+
+
+class RAdamHyperparams(NamedTuple):
+    """The constant hyperparameters of RAdam (learning rate and weight decay vary per step)."""
+
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    amsgrad: bool = False
+    sma_threshold: float = 5.0
+    total_steps: float = 0.0
+    warmup_proportion: float = 0.1
+    min_lr: float = 0.0
+
+
+class StepScalars(NamedTuple):
+    """Scalars shared by every variable in one step (tensors of the compute dtype)."""
+
+    lr: tf.Tensor  # warmup-adjusted learning rate
+    weight_decay: tf.Tensor
+    beta_1: tf.Tensor
+    one_minus_beta_1: tf.Tensor
+    beta_2: tf.Tensor
+    one_minus_beta_2: tf.Tensor
+    m_correction: tf.Tensor  # 1 / (1 - beta_1^t)
+    v_correction: tf.Tensor  # 1 / (1 - beta_2^t)
+    r_t: tf.Tensor  # rectification term, 0 where it does not apply
+    rectified: tf.Tensor  # bool: take the adaptive (rectified) step
+    epsilon: tf.Tensor
+    has_weight_decay: bool  # Python bool: skip the decay ops entirely when 0
+
+
+def compute_dtype(var_dtype: tf.DType) -> tf.DType:
+    """float64 for float64 variables, float32 for everything else (16-bit included)."""
+    return tf.float64 if var_dtype == tf.float64 else tf.float32
+
+
+def hyperparameter(value, dtype: tf.DType) -> tf.Tensor:
+    """A hyperparameter as tf.keras held it: a float32 value, cast to the compute dtype.
+
+    (tfa's float64 runs therefore see float32-rounded betas; only epsilon is exact.)
+    """
+    return tf.cast(tf.constant(value, tf.float32), dtype)
+
+
+def warmup_learning_rate(lr, step, total_steps, warmup_proportion, min_lr):
+    """tfa's warmup: linear rise to ``lr`` over total_steps * warmup_proportion steps (not
+    rounded), then linear decay to ``min_lr`` over max(total - warmup, 1) steps, then min_lr.
+
+    ``step`` is the 1-based step of the update being applied.
+    """
+    dtype = lr.dtype
+    total_steps = hyperparameter(total_steps, dtype)
+    warmup_steps = total_steps * hyperparameter(warmup_proportion, dtype)
+    min_lr = hyperparameter(min_lr, dtype)
+    decay_steps = tf.maximum(total_steps - warmup_steps, 1)
+    decay_rate = (min_lr - lr) / decay_steps
+    return tf.where(
+        step <= warmup_steps,
+        lr * (step / warmup_steps),
+        lr + decay_rate * tf.minimum(step - warmup_steps, decay_steps),
+    )
+
+
+def rectification(step, beta_2, sma_threshold):
+    """The RAdam rectification for 1-based ``step``: returns (sma_t, r_t, rectified).
+
+    sma_inf = 2 / (1 - beta_2) - 1;  sma_t = sma_inf - 2 t beta_2^t / (1 - beta_2^t).
+    r_t is the variance-rectification factor; ``rectified`` says whether the adaptive step
+    applies (sma_t >= sma_threshold and r_t is real).
+    """
+    beta_2_power = tf.pow(beta_2, step)
+    sma_inf = 2.0 / (1.0 - beta_2) - 1.0
+    sma_t = sma_inf - 2.0 * step * beta_2_power * (1.0 / (1.0 - beta_2_power))
+    r_squared = (sma_t - 4.0) / (sma_inf - 4.0) * (sma_t - 2.0) / (sma_inf - 2.0) * sma_inf / sma_t
+    real = r_squared >= 0.0
+    r_t = tf.sqrt(tf.where(real, r_squared, tf.zeros_like(r_squared)))
+    rectified = tf.logical_and(sma_t >= sma_threshold, real)
+    return sma_t, r_t, rectified
+
+
+def step_scalars(
+    step,
+    lr,
+    weight_decay,
+    hp: RAdamHyperparams,
+    dtype: tf.DType = tf.float32,
+    has_weight_decay: bool = True,
+) -> StepScalars:
+    """Everything one RAdam step needs besides the tensors, computed once per step.
+
+    ``step`` is 1-based (iterations + 1); ``lr`` and ``weight_decay`` are this step's values
+    after any schedule or legacy ``decay`` has been applied.
+    """
+    step = tf.cast(step, dtype)
+    lr = tf.cast(lr, dtype)
+    beta_1 = hyperparameter(hp.beta_1, dtype)
+    beta_2 = hyperparameter(hp.beta_2, dtype)
+    beta_1_power = tf.pow(beta_1, step)
+    beta_2_power = tf.pow(beta_2, step)
+    _, r_t, rectified = rectification(step, beta_2, hyperparameter(hp.sma_threshold, dtype))
+    if hp.total_steps > 0:
+        lr = warmup_learning_rate(lr, step, hp.total_steps, hp.warmup_proportion, hp.min_lr)
+    return StepScalars(
+        lr=lr,
+        weight_decay=tf.cast(weight_decay, dtype),
+        beta_1=beta_1,
+        one_minus_beta_1=1.0 - beta_1,
+        beta_2=beta_2,
+        one_minus_beta_2=1.0 - beta_2,
+        m_correction=1.0 / (1.0 - beta_1_power),
+        v_correction=1.0 / (1.0 - beta_2_power),
+        r_t=r_t,
+        rectified=rectified,
+        epsilon=tf.constant(hp.epsilon, dtype),
+        has_weight_decay=has_weight_decay,
+    )
+
+
+def direction(m_t, v_hat_t, var, s: StepScalars):
+    """The step before it is scaled by -lr: rectified Adam or plain momentum, plus decay."""
+    m_corr = m_t * s.m_correction
+    v_corr = tf.sqrt(v_hat_t * s.v_correction)
+    update = tf.where(s.rectified, s.r_t * m_corr / (v_corr + s.epsilon), m_corr)
+    if s.has_weight_decay:
+        update += s.weight_decay * var
+    return update
+
+
+def _read(variable, dtype):
+    value = tf.convert_to_tensor(variable)
+    return value if value.dtype == dtype else tf.cast(value, dtype)
+
+
+def _write(variable, value):
+    if value.dtype != variable.dtype:
+        value = tf.cast(value, variable.dtype)
+    variable.assign(value)
+
+
+def apply_dense(var, grad, m, v, vhat: Optional[tf.Variable], s: StepScalars) -> None:
+    """One RAdam step on a variable with a dense gradient (updates var, m, v, vhat in place)."""
+    dtype = s.lr.dtype
+    grad = _read(grad, dtype)
+    m_t = s.beta_1 * _read(m, dtype) + s.one_minus_beta_1 * grad
+    v_t = s.beta_2 * _read(v, dtype) + s.one_minus_beta_2 * tf.square(grad)
+    _write(m, m_t)
+    _write(v, v_t)
+    if vhat is not None:
+        v_t = tf.maximum(_read(vhat, dtype), v_t)
+        _write(vhat, v_t)
+    var_value = _read(var, dtype)
+    _write(var, var_value - s.lr * direction(m_t, v_t, var_value, s))
+
+
+def deduplicate(values, indices):
+    """Sum the rows of an IndexedSlices that share an index (as tf.keras optimizers do)."""
+    unique, positions = tf.unique(indices)
+    summed = tf.math.unsorted_segment_sum(values, positions, tf.shape(unique)[0])
+    return summed, unique
+
+
+def apply_sparse(var, values, indices, m, v, vhat: Optional[tf.Variable], s: StepScalars) -> None:
+    """One RAdam step with a sparse gradient (rows ``indices`` of ``var``).
+
+    As in tfa, m and v decay on every row and the gradient is added on the touched rows;
+    only the touched rows of ``var`` move. Duplicate indices are summed first.
+    """
+    dtype = s.lr.dtype
+    values, indices = deduplicate(_read(values, dtype), indices)
+    _write(m, _read(m, dtype) * s.beta_1)
+    _scatter_add(m, indices, values * s.one_minus_beta_1)
+    _write(v, _read(v, dtype) * s.beta_2)
+    _scatter_add(v, indices, (values * values) * s.one_minus_beta_2)
+    if vhat is not None:
+        _write(vhat, tf.maximum(_read(vhat, dtype), _read(v, dtype)))
+        v_source = vhat
+    else:
+        v_source = v
+    m_rows = tf.gather(_read(m, dtype), indices)
+    v_rows = tf.gather(_read(v_source, dtype), indices)
+    var_rows = tf.gather(_read(var, dtype), indices)
+    _scatter_add(var, indices, -s.lr * direction(m_rows, v_rows, var_rows, s))
+
+
+def _scatter_add(variable, indices, rows):
+    if rows.dtype != variable.dtype:
+        rows = tf.cast(rows, variable.dtype)
+    variable.scatter_add(tf.IndexedSlices(rows, indices))
+
+
+def lookahead_pull_back(var, slow, slow_step_size: float) -> None:
+    """Lookahead's synchronisation: slow += alpha * (fast - slow); fast = slow.
+
+    alpha is held as float32 (as tf.keras held hyperparameters), cast to the variable's dtype.
+    """
+    slow_value = tf.convert_to_tensor(slow)
+    alpha = tf.cast(tf.constant(slow_step_size, tf.float32), slow_value.dtype)
+    step_back = slow_value + alpha * (tf.convert_to_tensor(var) - slow_value)
+    slow.assign(step_back)
+    var.assign(step_back)
