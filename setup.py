@@ -13,5 +13,10 @@ setup(
     packages=find_packages(include=["radam_dist", "radam_dist.*"]),
     install_requires=["tensorflow>=2.16", "keras>=3.3", "numpy"],
     extras_require={"ps": ["grpcio", "grpcio-health-checking", "protobuf"]},
-    entry_points={"console_scripts": ["radam-dist=radam_dist.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "radam-dist=radam_dist.cli:main",
+            "radam-ps=radam_dist.ps.cli:main",
+        ]
+    },
 )

@@ -74,6 +74,30 @@ class ClassicOptimizerAPI:
         per_var = self._slots.get(slot_name, {})
         return [per_var.get(self._var_key(v)) for v in variables]
 
+    def _build_eagerly(self, variables: Sequence) -> None:
+        """Create the slots outside any traced step, once.
+
+        Keras 3 creates optimizer variables lazily in the first ``apply``; inside
+        ``strategy.run`` in a tf.function that lifts initializers that capture
+        replica-local tensors and fails (``cond/Placeholder``). Building in the eager
+        outer context, under the optimizer's strategy, makes lazy creation safe.
+        """
+        if self.built:
+            return
+        variables = list(variables)
+
+        def build(*_):
+            with tf.init_scope(), self._distribution_strategy.scope():
+                with keras.name_scope(self.name, caller=self):
+                    self.build(variables)
+                self.built = True
+
+        replica_context = tf.distribute.get_replica_context()
+        if tf.distribute.has_strategy() and replica_context is not None:
+            replica_context.merge_call(build)
+        else:
+            build()
+
     # -- weights ----------------------------------------------------------------------------
     @property
     def weights(self) -> list:

@@ -121,10 +121,7 @@ class Lookahead(ClassicOptimizerAPI, keras.optimizers.Optimizer):
             trainable_variables = self._trainable_variables
         else:
             trainable_variables = list(trainable_variables)
-            if not self.built:
-                with keras.name_scope(self.name, caller=self):
-                    self.build(trainable_variables)
-                self.built = True
+            self._build_eagerly(trainable_variables)
             self._check_variables_are_known(trainable_variables)
         before = tf.identity(self.iterations)
         inner = self.inner_optimizer

@@ -151,6 +151,12 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
             for var in var_list:
                 self.add_slot(var, name)
 
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+            self._build_eagerly(trainable_variables)
+        return super().apply(grads, trainable_variables)
+
     # -- one step -------------------------------------------------------------------------------
     def step_scalars(self, learning_rate=None, dtype: tf.DType = tf.float32) -> radam_math.StepScalars:
         """The per-step scalars of the next step (iterations + 1), in ``dtype``."""
