@@ -24,55 +24,68 @@ class ClassicOptimizerAPI:
     """
 
     def _init_slots(self) -> None:
-        self._slots = {}  # slot name -> {variable key: optimizer variable}
-        self._slot_order = []  # (slot name, variable key) in creation order
+        # slot name -> list of slot variables, indexed like the variables the optimizer was
+        # built with (string keys and lists keep tf.train.Checkpoint able to track them).
+        self._slots = {}
 
     # -- slots ------------------------------------------------------------------------------
+    def _index_of(self, var) -> int:
+        try:
+            return self._get_variable_index(var)
+        except KeyError:
+            raise KeyError(
+                f"variable {getattr(var, 'path', getattr(var, 'name', var))!r} is not among the "
+                f"variables {self.__class__.__name__} was built with"
+            ) from None
+
     def add_slot(self, var, slot_name: str, initializer="zeros"):
         """Create (or return the existing) slot ``slot_name`` for ``var``.
 
-        ``initializer`` is a Keras initializer, its name, or a tensor / variable whose value
-        the slot starts with (tfa's Lookahead starts its slow weights at the variable's value).
+        ``var`` must be one of the variables the optimizer is built with (slots are created
+        in ``build``). ``initializer`` is a Keras initializer, its name, or a tensor /
+        variable whose value the slot starts with.
         """
-        key = self._var_key(var)
-        per_var = self._slots.setdefault(slot_name, {})
-        if key in per_var:
-            return per_var[key]
+        index = self._index_of(var)
+        per_var = list(self._slots.get(slot_name, [None] * len(self._trainable_variables)))
+        if per_var[index] is not None:
+            return per_var[index]
         value = None
         if not isinstance(initializer, (str, keras.initializers.Initializer)):
             value, initializer = initializer, "zeros"
         slot = self.add_variable_from_reference(var, name=slot_name, initializer=initializer)
         if value is not None:
-            slot.assign(tf.cast(tf.convert_to_tensor(value), slot.dtype))
-        per_var[key] = slot
-        self._slot_order.append((slot_name, key))
+            with tf.init_scope():  # an initial value, never an op of a traced step
+                slot.assign(tf.cast(tf.convert_to_tensor(value), slot.dtype))
+        per_var[index] = slot
+        # A fresh list each time: checkpoint tracking refuses lists mutated in place.
+        self._slots[slot_name] = per_var
         return slot
 
     def get_slot(self, var, slot_name: str):
-        """The slot variable ``slot_name`` of ``var`` (KeyError with the known names if absent)."""
-        try:
-            per_var = self._slots[slot_name]
-        except KeyError:
+        """The slot variable ``slot_name`` of ``var`` (KeyError naming what exists if absent)."""
+        if slot_name not in self._slots:
             raise KeyError(
                 f"{self.__class__.__name__} has no slot named {slot_name!r}; "
                 f"its slots are {self.get_slot_names()}"
-            ) from None
-        try:
-            return per_var[self._var_key(var)]
-        except KeyError:
-            raise KeyError(
-                f"{self.__class__.__name__} has no {slot_name!r} slot for variable "
-                f"{getattr(var, 'path', getattr(var, 'name', var))!r}: it was not among the "
-                "variables the optimizer was built with"
-            ) from None
+            )
+        slot = self._slots[slot_name][self._index_of(var)]
+        if slot is None:
+            raise KeyError(f"no {slot_name!r} slot was created for this variable")
+        return slot
 
     def get_slot_names(self) -> List[str]:
         """Slot names in creation order, e.g. ``['m', 'v']`` (plus ``'vhat'`` with amsgrad)."""
         return list(self._slots)
 
-    def _slot_list(self, slot_name: str, variables: Sequence) -> list:
-        per_var = self._slots.get(slot_name, {})
-        return [per_var.get(self._var_key(v)) for v in variables]
+    def __dir__(self):
+        # tf.train.Checkpoint treats any object whose dir() lists `get_slot_names` as a TF1 /
+        # tf.keras optimizer and saves its slots a second time, as slot references, which it
+        # refuses for variables that are already ordinary dependencies (ours are, as in every
+        # Keras 3 optimizer). The method stays callable; it is only left out of the listing.
+        return [name for name in super().__dir__() if name != "get_slot_names"]
+
+    def _slot_variables(self) -> list:
+        return [slot for per_var in self._slots.values() for slot in per_var if slot is not None]
 
     def _build_eagerly(self, variables: Sequence) -> None:
         """Create the slots outside any traced step, once.
@@ -102,7 +115,7 @@ class ClassicOptimizerAPI:
     @property
     def weights(self) -> list:
         """tfa's layout: the iteration count, then every slot in creation order."""
-        return [self.iterations] + [self._slots[n][k] for n, k in self._slot_order]
+        return [self.iterations] + self._slot_variables()
 
     def get_weights(self) -> List[np.ndarray]:
         """Values of ``weights`` as numpy arrays (a tfa optimizer's list loads here too)."""

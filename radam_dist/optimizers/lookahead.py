@@ -56,9 +56,8 @@ class Lookahead(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         if not 0.0 <= slow_step_size <= 1.0:
             raise ValueError(f"slow_step_size must be in [0, 1], got {slow_step_size}")
         super().__init__(learning_rate=0.0, name=name, **kwargs)
-        # The step counter and the learning rate are the inner optimizer's.
-        self._untrack_variable(self._learning_rate)
-        self._untrack_variable(self._iterations)
+        # The step counter and the learning rate are the inner optimizer's; the base class's
+        # own two stay unused (untracking them would make the list unsaveable by checkpoints).
         self.inner_optimizer = optimizer
         self.sync_period = int(sync_period)
         self.slow_step_size = float(slow_step_size)
@@ -82,17 +81,19 @@ class Lookahead(ClassicOptimizerAPI, keras.optimizers.Optimizer):
 
     @property
     def variables(self) -> list:
-        return self._variables[:] + list(self.inner_optimizer.variables)
+        unused = (self._iterations, self._learning_rate)
+        own = [v for v in self._variables if not any(v is u for u in unused)]
+        return own + list(self.inner_optimizer.variables)
 
     @property
     def weights(self) -> list:
-        """tfa's order: the step count, the inner optimizer's slots, then the slow weights."""
+        """tfa's order: the step count, the slow weights, then the inner optimizer's slots."""
         inner = self.inner_optimizer
         inner_slots = inner.weights[1:] if isinstance(inner, ClassicOptimizerAPI) else [
             v for v in inner.variables if v is not inner.iterations
             and v is not getattr(inner, "_learning_rate", None)
         ]
-        return [self.iterations] + inner_slots + [self._slots["slow"][k] for _, k in self._slot_order]
+        return [self.iterations] + self._slot_variables() + inner_slots
 
     def get_slot(self, var, slot_name: str):
         if slot_name != "slow" and isinstance(self.inner_optimizer, ClassicOptimizerAPI):
@@ -111,9 +112,7 @@ class Lookahead(ClassicOptimizerAPI, keras.optimizers.Optimizer):
             self.inner_optimizer.build(var_list)
         super().build(var_list)
         for var in var_list:
-            slot = self.add_slot(var, "slow")
-            with tf.init_scope():  # once, with the current value; never part of a traced step
-                slot.assign(var)
+            self.add_slot(var, "slow", initializer=var)
 
     # -- one step -------------------------------------------------------------------------------
     def apply(self, grads, trainable_variables=None):
@@ -146,7 +145,7 @@ class Lookahead(ClassicOptimizerAPI, keras.optimizers.Optimizer):
             distribution.extended.update(var, self._sync_variable, args=(sync,), group=False)
 
     def _sync_variable(self, var, sync):
-        slow = self._slots["slow"][self._var_key(var)]
+        slow = self._slots["slow"][self._get_variable_index(var)]
         slow = slow.value if isinstance(slow, keras.Variable) else slow
 
         def pull_back():

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Union
 import keras
 import tensorflow as tf
 
-from radam_dist import radam_math
+from radam_dist import fused, radam_math
 from radam_dist.optimizers.classic_api import ClassicOptimizerAPI, maybe_float
 
 Hyper = Union[float, keras.optimizers.schedules.LearningRateSchedule, Callable[[], Any]]
@@ -26,9 +26,23 @@ def _evaluate(value: Hyper, step):
     return value
 
 
+def _is_unserializable_callable(value) -> bool:
+    if not callable(value) or isinstance(
+        value, (keras.optimizers.schedules.LearningRateSchedule, keras.Variable)
+    ):
+        return False
+    try:
+        keras.saving.serialize_keras_object(value)
+    except (TypeError, ValueError):
+        return True
+    return False
+
+
 def _serialize_hyper(value: Hyper):
     if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
         return keras.optimizers.schedules.serialize(value)
+    if _is_unserializable_callable(value):
+        return float(value())
     if callable(value):
         return keras.saving.serialize_keras_object(value)
     return float(value)
@@ -38,7 +52,11 @@ def _deserialize_hyper(value, custom_objects=None):
     if isinstance(value, dict):
         if "module" in value or "registered_name" in value:
             return keras.saving.deserialize_keras_object(value, custom_objects=custom_objects)
-        return keras.optimizers.schedules.deserialize(value)  # tf.keras-style schedule config
+        # A tf.keras-style schedule config; tfa saved "name": None, which Keras 3 schedules
+        # accept in their config but then fail on when called.
+        value = dict(value, config={k: v for k, v in value.get("config", {}).items()
+                                    if not (k == "name" and v is None)})
+        return keras.optimizers.schedules.deserialize(value)
     return value
 
 
@@ -197,15 +215,29 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         )
 
     def _distributed_update(self, distribution, grads_and_vars, scalars):
+        if fused.applicable(distribution):
+            # One compiled XLA call for all dense updates (radam_dist/fused.py); sparse
+            # gradients keep the per-variable path below.
+            dense = [(g, v) for g, v in grads_and_vars if fused.is_dense_float(g, v)]
+            fused.apply_dense([self._dense_update(var, grad, scalars) for grad, var in dense])
+            grads_and_vars = [(g, v) for g, v in grads_and_vars if not fused.is_dense_float(g, v)]
         for grad, var in grads_and_vars:
             distribution.extended.update(
                 var, self._update_variable, args=(grad, scalars), group=False
             )
 
-    def _update_variable(self, var, grad, scalars: Dict[str, radam_math.StepScalars]):
+    def _variable_scalars(self, var, scalars: Dict[str, radam_math.StepScalars]):
         s = scalars[radam_math.compute_dtype(var.dtype).name]
         if s.has_weight_decay and not self._use_weight_decay(var):
             s = s._replace(has_weight_decay=False)
+        return s
+
+    def _dense_update(self, var, grad, scalars) -> "fused.DenseUpdate":
+        m, v, vhat = (self._slot_value(name, var) for name in ("m", "v", "vhat"))
+        return fused.DenseUpdate(var, grad, m, v, vhat, self._variable_scalars(var, scalars))
+
+    def _update_variable(self, var, grad, scalars: Dict[str, radam_math.StepScalars]):
+        s = self._variable_scalars(var, scalars)
         m, v, vhat = (self._slot_value(name, var) for name in ("m", "v", "vhat"))
         if isinstance(grad, tf.IndexedSlices):
             radam_math.apply_sparse(var, grad.values, grad.indices, m, v, vhat, s)
@@ -216,7 +248,7 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         per_var = self._slots.get(name)
         if per_var is None:
             return None
-        slot = per_var[self._var_key(var)]
+        slot = per_var[self._get_variable_index(var)]
         return slot.value if isinstance(slot, keras.Variable) else slot
 
     def update_step(self, gradient, variable, learning_rate):
@@ -245,8 +277,17 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
 
     # -- config ---------------------------------------------------------------------------------
     def get_config(self) -> dict:
-        """tfa's keys (learning_rate, beta_1, ..., min_lr, decay) plus Keras 3's own."""
-        config = super().get_config()
+        """tfa's keys (learning_rate, beta_1, ..., min_lr, decay) plus Keras 3's own.
+
+        A callable that Keras cannot serialize is saved as its current value, as tf.keras did.
+        """
+        learning_rate = self._learning_rate
+        if _is_unserializable_callable(learning_rate):
+            self._learning_rate = tf.constant(_evaluate(learning_rate, None), tf.float32)
+        try:
+            config = super().get_config()
+        finally:
+            self._learning_rate = learning_rate
         config.update(
             {
                 "weight_decay": _serialize_hyper(self.radam_weight_decay),
