@@ -7,7 +7,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.radam_dist-installed
 
-.PHONY: venv demo test bench clean help
+.PHONY: venv demo test clean help tfa-reference
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -31,6 +31,16 @@ test: $(STAMP) $(TEST_PREREQS)  ## run the test suite
 
 demo: $(STAMP) $(DEMO_PREREQS)  ## train the demo model and write out/
 	$(VPY) -m radam_dist.demo $(DEMO_ARGS)
+
+TFA_VENV := .venv-tfa
+
+$(TFA_VENV)/.installed: requirements-tfa.txt
+	@test -x $(TFA_VENV)/bin/python || $(PYTHON) -m venv $(TFA_VENV)
+	$(TFA_VENV)/bin/python -m pip install -q -r requirements-tfa.txt
+	@touch $@
+
+tfa-reference: $(TFA_VENV)/.installed  ## regenerate tests/data/tfa_reference.json with tfa 0.23 itself
+	$(TFA_VENV)/bin/python tests/data/make_tfa_reference.py --out tests/data/tfa_reference.json
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf out build *.egg-info .pytest_cache

@@ -6,10 +6,11 @@ small variables, driven by seeded numpy gradients that are stored in the JSON
 so that ``tests/test_tfa_reference.py`` can replay exactly the same gradients
 through our Keras 3 port.
 
-This script needs its own environment (it is NOT run by the test-suite)::
+This script needs its own environment (it is NOT run by the test-suite);
+``make tfa-reference`` creates it from requirements-tfa.txt and runs the script, or by hand::
 
     python3.11 -m venv .venv-tfa
-    .venv-tfa/bin/pip install tensorflow-cpu==2.15.1 tensorflow-addons==0.23.0 'numpy<2'
+    .venv-tfa/bin/pip install -r requirements-tfa.txt
     .venv-tfa/bin/python tests/data/make_tfa_reference.py
 
 (``--out`` defaults to ``tests/data/tfa_reference.json``.)
