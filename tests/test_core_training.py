@@ -107,9 +107,9 @@ def _mirrored():
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
 
 
-def _custom_loop(strategy, make_optimizer, x, y, steps, batch):
+def _custom_loop(strategy, make_optimizer, x, y, steps, batch, make_model=_model):
     with strategy.scope():
-        model = _model()
+        model = make_model()
         opt = make_optimizer()  # no build() first: slots are created in the first step
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).repeat()
     dist = iter(strategy.experimental_distribute_dataset(dataset))
@@ -152,3 +152,53 @@ def test_mirrored_strategy_fit_matches_single_device(key):
         weights.append(model.get_weights())
     for a, b in zip(*weights):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_experimental_aggregate_gradients_false_takes_already_summed_gradients():
+    # A dense model: summing an Embedding's IndexedSlices by hand makes them dense, and a
+    # dense gradient moves untouched rows (momentum) where a sparse one does not.
+    rng = np.random.RandomState(5)
+    x, y = rng.randn(64, 5).astype(np.float32), rng.randn(64, 1).astype(np.float32)
+    strategy = _mirrored()
+    expected, _ = _custom_loop(strategy, OPTIMIZERS["radam"], x, y, 3, 16, _dense_model)
+    with strategy.scope():
+        model = _dense_model()
+        opt = OPTIMIZERS["radam"]()
+    dist = iter(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()))
+
+    @tf.function
+    def train_step(inputs):
+        def replica_step(xb, yb):
+            with tf.GradientTape() as tape:
+                per_example = tf.reduce_sum(tf.square(model(xb) - yb), axis=1)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=16)
+            grads = tape.gradient(loss, model.trainable_variables)
+            summed = tf.distribute.get_replica_context().all_reduce("sum", grads)
+            opt.apply_gradients(zip(summed, model.trainable_variables),
+                                experimental_aggregate_gradients=False)
+
+        strategy.run(replica_step, args=inputs)
+
+    for _ in range(3):
+        train_step(next(dist))
+    for a, b in zip(expected, model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_tensorboard_records_the_effective_learning_rate(tmp_path):
+    model = _dense_model()
+    model.compile(optimizer=radam_dist.RectifiedAdam(0.1, total_steps=8, warmup_proportion=0.5),
+                  loss="mse")
+    x, y = np.ones((8, 5), np.float32), np.ones((8, 1), np.float32)
+    model.fit(x, y, batch_size=2, epochs=2, verbose=0, callbacks=[
+        radam_dist.EffectiveLearningRate(), keras.callbacks.TensorBoard(str(tmp_path))])
+    values = []
+    for event_file in sorted((tmp_path / "train").glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                if value.tag == "epoch_effective_learning_rate":
+                    values.append(float(tf.make_ndarray(value.tensor)))
+    # after epoch 1 (4 steps) the next step is 5: warmup over 4 steps is done, then the
+    # linear decay to min_lr=0 over 4 steps: 0.1 - 0.1/4 * (5 - 4); after epoch 2: step 9.
+    np.testing.assert_allclose(values, [0.075, 0.0], atol=1e-7)
