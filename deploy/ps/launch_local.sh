@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Local launch: N shard processes + K worker processes on loopback, with a bearer token.
+#   deploy/ps/launch_local.sh [SHARDS=2] [WORKERS=2] [OUT=out/ps-local]
+# Shards run in sync mode with a checkpoint directory and the write-ahead log; every process
+# is stopped (SIGTERM, final checkpoint) when the workers finish or the script is interrupted.
+set -euo pipefail
+SHARDS=${1:-2}
+WORKERS=${2:-2}
+OUT=${3:-out/ps-local}
+PY=${PY:-.venv/bin/python}
+mkdir -p "$OUT"
+TOKEN_FILE="$OUT/token"
+[ -s "$TOKEN_FILE" ] || (umask 077; $PY -c 'import secrets; print(secrets.token_urlsafe(32))' > "$TOKEN_FILE")
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait || true; }
+trap cleanup EXIT INT TERM
+
+ports=()
+for ((i = 0; i < SHARDS; i++)); do
+  rm -f "$OUT/shard$i.port"
+  $PY -m radam_dist.ps.cli serve --port 0 --port-file "$OUT/shard$i.port" \
+      --num-shards "$SHARDS" --shard-index "$i" --mode sync --num-workers "$WORKERS" \
+      --checkpoint-dir "$OUT/ckpt$i" --wal --token-file "$TOKEN_FILE" >"$OUT/shard$i.log" 2>&1 &
+  pids+=($!)
+done
+for ((i = 0; i < SHARDS; i++)); do
+  until [ -s "$OUT/shard$i.port" ]; do sleep 0.2; done
+  ports+=("127.0.0.1:$(cat "$OUT/shard$i.port")")
+done
+echo "shards: ${ports[*]}"
+wpids=()
+for ((w = 0; w < WORKERS; w++)); do
+  $PY -m radam_dist.ps.demo worker --out "$OUT" --index "$w" --num-workers "$WORKERS" \
+      --targets "${ports[@]}" --token-file "$TOKEN_FILE" >"$OUT/worker-$w.log" 2>&1 &
+  wpids+=($!)
+done
+for p in "${wpids[@]}"; do wait "$p"; done
+for ((w = 0; w < WORKERS; w++)); do cat "$OUT/worker-$w.json"; echo; done

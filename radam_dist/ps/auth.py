@@ -1,0 +1,68 @@
+"""Bearer-token authentication for the parameter server.
+
+Every call except the standard health service must carry ``authorization: Bearer <token>``;
+the token is compared in constant time (``hmac.compare_digest``). A refused call gets
+UNAUTHENTICATED before its handler runs, so it changes nothing. The health service stays open
+so that Kubernetes' gRPC probes, which cannot send a token, work.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+from typing import Optional
+
+import grpc
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+TOKEN_ENV = "RADAM_PS_TOKEN"
+
+
+def load_token(token_file: Optional[str] = None, env: str = TOKEN_ENV) -> Optional[str]:
+    """The token from ``token_file`` (surrounding whitespace stripped) or the environment."""
+    if token_file:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"token file {token_file} is empty")
+        return token
+    token = os.environ.get(env, "").strip()
+    return token or None
+
+
+def _deny(message: str):
+    def abort(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return abort
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Rejects calls without the right bearer token with UNAUTHENTICATED."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method or ""
+        if method.startswith(HEALTH_PREFIX):
+            return continuation(handler_call_details)
+        supplied = b""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                supplied = value.encode() if isinstance(value, str) else value
+                break
+        if hmac.compare_digest(supplied, self._expected):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        message = "missing bearer token" if not supplied else "invalid bearer token"
+        deny = _deny(message)
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)

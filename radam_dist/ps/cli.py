@@ -1,0 +1,154 @@
+"""``radam-ps``: run a parameter-server shard, or query one.
+
+    radam-ps serve --port 50051 --mode sync --num-workers 3 --checkpoint-dir /ckpt --wal
+    radam-ps stats 127.0.0.1:50051
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="run one shard",
+        description="Serve RectifiedAdam / Lookahead parameter updates for one shard.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind")
+    net.add_argument("--port", type=int, default=50051, help="port (0: pick a free one)")
+    net.add_argument("--port-file", help="write the bound port here once serving")
+    net.add_argument("--max-threads", type=int, default=64,
+                     help="concurrent calls (sync mode needs at least --num-workers)")
+    training = p.add_argument_group("training")
+    training.add_argument("--mode", choices=("sync", "async"), default="async",
+                          help="sync: average --num-workers gradients per step; async: apply on arrival")
+    training.add_argument("--num-workers", type=int, default=1, help="sync: gradients per step")
+    training.add_argument("--sync-timeout", type=float, default=60.0,
+                          help="sync: seconds a round waits for missing workers before it is abandoned")
+    training.add_argument("--max-staleness", type=int, default=16,
+                          help="async: refuse (ABORTED) gradients computed more than this many "
+                               "versions ago; -1: no limit")
+    training.add_argument("--nonfinite", choices=("reject", "skip"), default="reject",
+                          help="NaN/Inf gradients: refuse with INVALID_ARGUMENT, or acknowledge and drop")
+    training.add_argument("--max-request-bytes", type=int, default=1 << 31,
+                          help="largest tensor payload of one call (RESOURCE_EXHAUSTED beyond)")
+    net.add_argument("--chunk-bytes", type=int, default=1 << 20,
+                     help="size of the tensor chunks the server sends (at most 7 MiB)")
+    shard = p.add_argument_group("sharding")
+    shard.add_argument("--num-shards", type=int, default=1)
+    shard.add_argument("--shard-index", type=int, default=0)
+    durable = p.add_argument_group("durability")
+    durable.add_argument("--checkpoint-dir", help="checkpoints (and the WAL) live here; resume from it")
+    durable.add_argument("--checkpoint-interval", type=float, default=300.0,
+                         help="seconds between checkpoints (0: only on request and on SIGTERM)")
+    durable.add_argument("--keep-checkpoints", type=int, default=2)
+    durable.add_argument("--wal", action="store_true",
+                         help="write-ahead log: every acknowledged push survives kill -9")
+    security = p.add_argument_group("security")
+    security.add_argument("--token-file", help="bearer token file (default: $RADAM_PS_TOKEN; none: no auth)")
+    security.add_argument("--tls-cert", help="server certificate (PEM)")
+    security.add_argument("--tls-key", help="server private key (PEM)")
+    security.add_argument("--tls-client-ca", help="CA that signs client certificates: mutual TLS")
+    security.add_argument("--insecure", action="store_true",
+                          help="allow plaintext on a non-loopback address")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _stats_parser(sub) -> None:
+    p = sub.add_parser("stats", help="print a shard's statistics as JSON")
+    p.add_argument("target", help="host:port")
+    p.add_argument("--token-file")
+    p.add_argument("--tls-ca", help="CA of the server certificate (enables TLS)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radam-ps", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _stats_parser(sub)
+    return parser
+
+
+def _check_serve_args(parser, args) -> None:
+    """Argument errors come before the (slow) TensorFlow import."""
+    from radam_dist.ps.server import check_transport, TLSFiles  # grpc only
+
+    if not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard-index {args.shard_index} is not in [0, --num-shards {args.num_shards})")
+    if args.mode == "sync" and args.num_workers < 1:
+        parser.error("--num-workers must be >= 1")
+    if args.mode == "sync" and args.max_threads <= args.num_workers:
+        parser.error("--max-threads must exceed --num-workers (each waiting worker holds a thread)")
+    if not 1024 <= args.chunk_bytes <= 7 << 20:
+        parser.error("--chunk-bytes must be between 1 KiB and 7 MiB (the message limit is 8 MiB)")
+    if args.wal and not args.checkpoint_dir:
+        parser.error("--wal needs --checkpoint-dir")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert/--tls-key")
+    tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    try:
+        check_transport(args.host, tls, args.insecure)
+    except ValueError as err:
+        parser.error(str(err))
+    args.tls = tls
+
+
+def serve(parser, args) -> int:
+    _check_serve_args(parser, args)
+    from radam_dist.ps.auth import load_token
+
+    try:
+        token = load_token(args.token_file)
+    except (OSError, ValueError) as err:
+        parser.error(f"cannot read the token: {err}")
+    from radam_dist.ps.server import ParameterServerProcess, serve_forever
+    from radam_dist.ps.service import ServeOptions
+
+    options = ServeOptions(
+        mode=args.mode, num_workers=args.num_workers, sync_timeout=args.sync_timeout,
+        max_staleness=args.max_staleness, shard_index=args.shard_index, num_shards=args.num_shards,
+        nonfinite=args.nonfinite, max_request_bytes=args.max_request_bytes,
+        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+        checkpoint_interval=args.checkpoint_interval, keep_checkpoints=args.keep_checkpoints,
+        wal=args.wal, chunk_bytes=args.chunk_bytes)
+    if token is None:
+        logging.getLogger(__name__).warning("no token configured: calls are not authenticated")
+    process = ParameterServerProcess(options, host=args.host, port=args.port, token=token,
+                                     tls=args.tls, insecure=args.insecure, max_threads=args.max_threads)
+    serve_forever(process, args.port_file)
+    return 0
+
+
+def stats(args) -> int:
+    from radam_dist.ps.client import PSClient
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    client = PSClient([args.target], token=token, root_certificates=args.tls_ca)
+    try:
+        print(json.dumps(client.stats()[0], indent=2, sort_keys=True))
+    finally:
+        client.close()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return serve(parser, args)
+    return stats(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""``PSClient``: the worker side -- register, pull, push, across any number of shards.
+
+Each variable is routed by ``placement`` (whole on one shard, or split by rows); calls to
+several shards run in parallel. Calls that fail because a server is (re)starting are retried
+with backoff for up to ``retry_timeout`` seconds; a push keeps its request id across retries,
+so the server applies it once even if the first attempt was applied before the connection
+broke.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import grpc
+import numpy as np
+
+from radam_dist.ps import placement as placement_mod
+from radam_dist.ps.optimizer_config import to_config
+from radam_dist.ps.proto import pb, pb_grpc
+from radam_dist.ps.tensors import DEFAULT_CHUNK_BYTES, TensorAssembler, chunk_tensor
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+class StaleGradientError(RuntimeError):
+    """The server refused gradients computed from an old version (ABORTED): pull and recompute.
+
+    Raised for async pushes beyond ``--max-staleness``, sync pushes for a round that was already
+    applied or abandoned, and pushes based on a version the server no longer has (a restart
+    from an older checkpoint).
+    """
+
+
+def _read(path_or_bytes) -> Optional[bytes]:
+    if path_or_bytes is None:
+        return None
+    if isinstance(path_or_bytes, bytes):
+        return path_or_bytes
+    return Path(path_or_bytes).read_bytes()
+
+
+def _to_numpy_gradient(grad) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(values, indices or None) from an ndarray, a tensor, a tf.IndexedSlices or a pair."""
+    if isinstance(grad, tuple) and len(grad) == 2:
+        return np.asarray(grad[0]), np.asarray(grad[1])
+    if hasattr(grad, "indices") and hasattr(grad, "values"):  # tf.IndexedSlices
+        return np.asarray(grad.values), np.asarray(grad.indices)
+    return np.asarray(grad), None
+
+
+class PSClient:
+    """Talks to the shards ``targets`` (``host:port``, in shard order).
+
+    Args:
+        targets: one address per shard, index i = the server started with --shard-index i.
+        token: bearer token (or None when the servers run without one).
+        worker_id: stable identity of this worker (sync mode: one gradient per worker per step).
+        root_certificates / client_cert / client_key: PEM bytes or file paths; giving
+            root_certificates turns TLS on, adding client_cert/client_key makes it mutual TLS.
+        split_threshold_bytes: variables at least this large are split by rows across shards.
+        retry_timeout: how long a call keeps retrying while a server is unreachable.
+        validate: check gradients against the registered shapes before sending anything (so
+            a bad push is refused before any shard sees it).
+    """
+
+    def __init__(self, targets: Union[str, Sequence[str]], token: Optional[str] = None, *,
+                 worker_id: Optional[str] = None, root_certificates=None, client_cert=None,
+                 client_key=None, server_name_override: Optional[str] = None,
+                 split_threshold_bytes: int = 64 << 20, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 retry_timeout: float = 60.0, call_timeout: Optional[float] = None,
+                 job_id: str = "", validate: bool = True):
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        if not self.targets:
+            raise ValueError("PSClient needs at least one target")
+        self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
+        self.split_threshold_bytes = split_threshold_bytes
+        self.chunk_bytes = chunk_bytes
+        self.retry_timeout = retry_timeout
+        self.call_timeout = call_timeout
+        self.job_id = job_id
+        self.validate = validate
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if server_name_override:
+            options.append(("grpc.ssl_target_name_override", server_name_override))
+        if root_certificates is not None or client_cert is not None:
+            credentials = grpc.ssl_channel_credentials(
+                _read(root_certificates), _read(client_key), _read(client_cert))
+            self._channels = [grpc.secure_channel(t, credentials, options) for t in self.targets]
+        else:
+            self._channels = [grpc.insecure_channel(t, options) for t in self.targets]
+        self._stubs = [pb_grpc.ParameterServerStub(c) for c in self._channels]
+        self._pool = ThreadPoolExecutor(max_workers=max(2, len(self.targets)),
+                                        thread_name_prefix="psclient")
+        self.placement: Dict[str, placement_mod.VariablePlacement] = {}
+        self._specs: Dict[str, Tuple[str, Tuple[int, ...]]] = {}  # name -> (dtype, full shape)
+        self.versions: List[int] = [0] * len(self.targets)
+
+    # -- plumbing -------------------------------------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        return len(self.targets)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> "PSClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, shard: int, fn: Callable):
+        """Run ``fn(stub, kwargs)`` with retries while the shard is unavailable."""
+        deadline = time.monotonic() + self.retry_timeout
+        delay = 0.05
+        while True:
+            try:
+                return fn(self._stubs[shard], dict(metadata=self._metadata, timeout=self.call_timeout))
+            except grpc.RpcError as err:
+                code = err.code() if hasattr(err, "code") else None
+                if code not in RETRYABLE or time.monotonic() + delay > deadline:
+                    raise
+                log.info("shard %d (%s) unavailable (%s); retrying in %.2fs", shard,
+                         self.targets[shard], err.details() if hasattr(err, "details") else err, delay)
+                time.sleep(delay * (1 + random.random() * 0.2))
+                delay = min(delay * 2, 2.0)
+
+    def _fan_out(self, shards: Iterable[int], fn: Callable[[int], object]) -> Dict[int, object]:
+        shards = list(shards)
+        if len(shards) == 1:
+            return {shards[0]: fn(shards[0])}
+        futures = {s: self._pool.submit(fn, s) for s in shards}
+        return {s: f.result() for s, f in futures.items()}
+
+    def _collect(self, responses) -> Tuple[object, Dict[str, np.ndarray]]:
+        header = None
+        assembler = TensorAssembler(1 << 62, frozenset({pb.VALUE}))
+        for message in responses:
+            if message.WhichOneof("kind") == "header":
+                header = message.header
+            else:
+                assembler.add(message.chunk)
+        return header, {name: array for (name, _), array in assembler.finish().items()}
+
+    # -- registration ---------------------------------------------------------------------------
+    def register(self, initial_values: Mapping[str, np.ndarray], optimizer_config) -> int:
+        """Register the variables and the optimizer on every shard; returns the version.
+
+        Idempotent: a restarted worker registering the same variables and config re-attaches
+        (the servers keep their current values); a different config is refused
+        (FAILED_PRECONDITION). ``optimizer_config``: an optimizer, its Keras serialization or
+        RectifiedAdam keyword arguments.
+        """
+        config_json = json.dumps(to_config(optimizer_config), sort_keys=True)
+        values = {name: np.asarray(v) for name, v in initial_values.items()}
+        self.placement = {
+            name: placement_mod.place(name, v.shape, v.nbytes, self.num_shards, self.split_threshold_bytes)
+            for name, v in values.items()}
+        self._specs = {name: (v.dtype.name, tuple(v.shape)) for name, v in values.items()}
+        per_shard: Dict[int, Dict[str, np.ndarray]] = {s: {} for s in range(self.num_shards)}
+        where: Dict[int, dict] = {s: {} for s in range(self.num_shards)}
+        for name, value in values.items():
+            p = self.placement[name]
+            for shard, part in placement_mod.split_dense(p, value).items():
+                per_shard[shard][name] = part
+                piece = next(x for x in p.pieces if x.shard == shard)
+                where[shard][name] = {"row_start": piece.row_start,
+                                      "total_rows": p.shape[0] if p.shape else 0}
+        empty = [s for s, v in per_shard.items() if not v]
+        if empty:
+            raise ValueError(f"shards {empty} would hold no variable; use fewer shards")
+
+        def one(shard: int) -> int:
+            def requests():
+                yield pb.RegisterRequest(header=pb.RegisterHeader(
+                    optimizer_config_json=config_json, job_id=self.job_id,
+                    num_shards=self.num_shards, shard_index=shard,
+                    placement_json=json.dumps(where[shard])))
+                for name, value in sorted(per_shard[shard].items()):
+                    yield from chunk_tensor(pb, name, pb.VALUE, value, self.chunk_bytes,
+                                            wrap=pb.RegisterRequest)
+
+            response = self._call(shard, lambda stub, kw: stub.Register(requests(), **kw))
+            self.versions[shard] = response.version
+            return response.version
+
+        return min(self._fan_out(range(self.num_shards), one).values())
+
+    def attach(self) -> None:
+        """Learn the placement from the servers (for a worker that did not register)."""
+        self.placement = placement_mod.placement_from_stats(self.stats())
+        if not self.placement:
+            raise RuntimeError("nothing is registered on the parameter servers yet")
+        self._specs = {}
+        for s in self.stats():
+            for v in s["variables"]:
+                self._specs[v["name"]] = (v["dtype"], self.placement[v["name"]].shape)
+
+    # -- pull -----------------------------------------------------------------------------------
+    def pull(self, names: Optional[Sequence[str]] = None,
+             if_newer_than: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Current values of ``names`` (all when None). With ``if_newer_than``, only shards whose
+        version is newer send values; variables without news are left out."""
+        if not self.placement:
+            self.attach()
+        wanted = list(names) if names is not None else sorted(self.placement)
+        unknown = [n for n in wanted if n not in self.placement]
+        if unknown:
+            raise KeyError(f"unknown variable(s) {unknown}")
+        by_shard: Dict[int, List[str]] = {}
+        for name in wanted:
+            for piece in self.placement[name].pieces:
+                by_shard.setdefault(piece.shard, []).append(name)
+
+        def one(shard: int):
+            request = pb.PullRequest(names=by_shard[shard],
+                                     if_newer_than=-1 if if_newer_than is None else if_newer_than)
+            header, values = self._call(shard, lambda stub, kw: self._collect(stub.Pull(request, **kw)))
+            self.versions[shard] = header.version
+            return values
+
+        parts = self._fan_out(by_shard, one)
+        return self._join(wanted, parts)
+
+    def _join(self, names, parts: Dict[int, Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+        out = {}
+        for name in names:
+            p = self.placement[name]
+            value = placement_mod.join(p, {s: v[name] for s, v in parts.items() if name in v})
+            if value is not None:
+                out[name] = value
+        return out
+
+    # -- push -----------------------------------------------------------------------------------
+    def _route(self, gradients: Mapping) -> Dict[int, Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]]]:
+        if not self.placement:
+            self.attach()
+        routed: Dict[int, Dict[str, tuple]] = {s: {} for s in range(self.num_shards)}
+        for name, grad in gradients.items():
+            if grad is None:
+                continue
+            values, indices = _to_numpy_gradient(grad)
+            if name not in self.placement:
+                if self.validate:
+                    raise KeyError(f"gradient for unknown variable {name!r}")
+                routed[placement_mod.shard_of(name, self.num_shards)][name] = (values, indices)
+                continue
+            p = self.placement[name]
+            if self.validate:
+                self._check(name, values, indices)
+            if indices is None:
+                for shard, part in placement_mod.split_dense(p, values).items():
+                    routed[shard][name] = (part, None)
+            else:
+                for shard, (v, i) in placement_mod.split_sparse(p, values, indices).items():
+                    routed[shard][name] = (v, i)
+        return routed
+
+    def _check(self, name, values, indices) -> None:
+        dtype, shape = self._specs[name]
+        if values.dtype.name != dtype:
+            raise ValueError(f"gradient of {name!r} has dtype {values.dtype.name}, variable is {dtype}")
+        if indices is None:
+            if tuple(values.shape) != shape:
+                raise ValueError(f"gradient of {name!r} has shape {values.shape}, variable {shape}")
+            return
+        if indices.ndim != 1 or values.shape != (indices.shape[0],) + shape[1:]:
+            raise ValueError(f"sparse gradient of {name!r}: values {values.shape} / indices "
+                             f"{indices.shape} do not fit a variable of shape {shape}")
+        if indices.size and (indices.min() < 0 or indices.max() >= shape[0]):
+            raise ValueError(f"sparse gradient of {name!r}: indices out of range [0, {shape[0]})")
+
+    def _push_requests(self, shard: int, grads: Dict[str, tuple], request_id: str,
+                       pull_names: Sequence[str] = ()):
+        yield pb.PushRequest(header=pb.PushHeader(
+            worker_id=self.worker_id, base_version=self.versions[shard], request_id=request_id,
+            pull_names=list(pull_names)))
+        for name, (values, indices) in sorted(grads.items()):
+            if indices is None:
+                yield from chunk_tensor(pb, name, pb.GRADIENT, values, self.chunk_bytes, wrap=pb.PushRequest)
+            else:
+                yield from chunk_tensor(pb, name, pb.SPARSE_VALUES, values, self.chunk_bytes,
+                                        wrap=pb.PushRequest)
+                yield from chunk_tensor(pb, name, pb.SPARSE_INDICES, indices, self.chunk_bytes,
+                                        wrap=pb.PushRequest)
+
+    @staticmethod
+    def _translate(err: grpc.RpcError) -> Exception:
+        code = err.code()
+        details = err.details() or ""
+        if code == grpc.StatusCode.ABORTED or (
+                code == grpc.StatusCode.FAILED_PRECONDITION
+                and ("gradients computed at version" in details or "gradients for round" in details)):
+            return StaleGradientError(err.details())
+        return err
+
+    def push(self, gradients: Mapping) -> int:
+        """Push gradients (ndarrays, tf tensors, tf.IndexedSlices or (values, indices) pairs);
+        returns the new version (the lowest over the shards). Raises StaleGradientError when
+        the server refuses them as stale (pull and recompute) and grpc.RpcError otherwise."""
+        routed = self._route(gradients)
+        request_id = uuid.uuid4().hex
+        shards = [s for s, g in routed.items() if g] if not self._sync_everywhere() else list(routed)
+
+        def one(shard: int) -> int:
+            try:
+                response = self._call(shard, lambda stub, kw: stub.Push(
+                    self._push_requests(shard, routed[shard], f"{request_id}-{shard}"), **kw))
+            except grpc.RpcError as err:
+                raise self._translate(err) from err
+            self.versions[shard] = response.version
+            return response.version
+
+        results = self._fan_out(shards, one)
+        return min(results.values()) if results else min(self.versions)
+
+    def push_pull(self, gradients: Mapping, names: Optional[Sequence[str]] = None
+                  ) -> Tuple[int, Dict[str, np.ndarray]]:
+        """Push, then receive the parameters after the update, in one round trip per shard."""
+        routed = self._route(gradients)
+        request_id = uuid.uuid4().hex
+        wanted = list(names) if names is not None else sorted(self.placement)
+        by_shard: Dict[int, List[str]] = {s: [] for s in range(self.num_shards)}
+        for name in wanted:
+            for piece in self.placement[name].pieces:
+                by_shard[piece.shard].append(name)
+
+        def one(shard: int):
+            if not by_shard[shard] and not routed[shard] and not self._sync_everywhere():
+                return None
+            rid = f"{request_id}-{shard}"
+
+            def call(stub, kw):
+                if not by_shard[shard]:  # nothing to pull from this shard: a plain push
+                    response = stub.Push(self._push_requests(shard, routed[shard], rid), **kw)
+                    return response.version, {}
+                header, values = self._collect(
+                    stub.PushPull(self._push_requests(shard, routed[shard], rid, by_shard[shard]), **kw))
+                return header.version, values
+
+            try:
+                version, values = self._call(shard, call)
+            except grpc.RpcError as err:
+                raise self._translate(err) from err
+            self.versions[shard] = version
+            return values
+
+        parts = {s: v for s, v in self._fan_out(range(self.num_shards), one).items() if v is not None}
+        return min(self.versions), self._join(wanted, parts)
+
+    def _sync_everywhere(self) -> bool:
+        """Sync servers count one push per worker per round, so every shard gets one."""
+        if not hasattr(self, "_modes"):
+            self._modes = [s["mode"] for s in self.stats()]
+        return "sync" in self._modes
+
+    # -- stats, checkpoints -------------------------------------------------------------------
+    def stats(self) -> List[dict]:
+        from google.protobuf.json_format import MessageToDict
+
+        def one(shard: int) -> dict:
+            response = self._call(shard, lambda stub, kw: stub.Stats(pb.StatsRequest(), **kw))
+            d = MessageToDict(response, preserving_proto_field_name=True,
+                              always_print_fields_with_no_presence=True)
+            for key, value in list(d.items()):  # int64 arrive as strings in JSON mapping
+                if isinstance(value, str) and value.lstrip("-").isdigit() and key != "mode":
+                    d[key] = int(value)
+            for v in d.get("variables", []):
+                v["shape"] = [int(x) for x in v.get("shape", [])]
+                v["row_start"] = int(v.get("row_start", 0))
+                v["total_rows"] = int(v.get("total_rows", 0))
+            return d
+
+        results = self._fan_out(range(self.num_shards), one)
+        return [results[s] for s in range(self.num_shards)]
+
+    def save_checkpoint(self) -> List[Tuple[str, int]]:
+        def one(shard: int):
+            r = self._call(shard, lambda stub, kw: stub.SaveCheckpoint(pb.SaveCheckpointRequest(), **kw))
+            return r.path, r.version
+
+        results = self._fan_out(range(self.num_shards), one)
+        return [results[s] for s in range(self.num_shards)]

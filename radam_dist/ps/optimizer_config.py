@@ -1,0 +1,60 @@
+"""Optimizer configs as they travel: JSON of a Keras-serialized RectifiedAdam / Lookahead.
+
+The server builds its optimizer from the config with Keras' own deserialization, so it runs
+exactly ``radam_dist.RectifiedAdam`` (and ``radam_dist.Lookahead``) -- the same update code as
+a worker would, never a second copy of the math. Two configs are "the same" when the
+optimizers they build serialize identically.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Union
+
+import keras
+
+from radam_dist import Lookahead, RectifiedAdam
+from radam_dist.ps.errors import PSError
+
+ConfigLike = Union[Dict[str, Any], str, keras.optimizers.Optimizer]
+
+
+def to_config(optimizer: ConfigLike) -> Dict[str, Any]:
+    """A JSON-able dict for ``optimizer``: an optimizer instance, a Keras-serialized dict
+    ({"class_name": ..., "config": ...}), plain RectifiedAdam keyword arguments, or JSON."""
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        return keras.optimizers.serialize(optimizer)
+    if isinstance(optimizer, str):
+        optimizer = json.loads(optimizer)
+    if not isinstance(optimizer, dict):
+        raise TypeError(f"optimizer config must be a dict, JSON or an optimizer, got {type(optimizer)}")
+    return dict(optimizer)
+
+
+def build_optimizer(config: ConfigLike) -> keras.optimizers.Optimizer:
+    """RectifiedAdam or Lookahead(RectifiedAdam) from ``config``; PSError(INVALID_ARGUMENT)
+    for anything else or for bad hyperparameters."""
+    try:
+        config = to_config(config)
+        if "class_name" in config:
+            optimizer = keras.optimizers.deserialize(config)
+        else:
+            optimizer = RectifiedAdam.from_config(config)
+    except PSError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- any construction error is the caller's input
+        raise PSError("INVALID_ARGUMENT", f"cannot build the optimizer from its config: {err}") from err
+    inner = optimizer.inner_optimizer if isinstance(optimizer, Lookahead) else optimizer
+    if not isinstance(inner, RectifiedAdam):
+        raise PSError(
+            "INVALID_ARGUMENT",
+            "the parameter server runs radam_dist.RectifiedAdam, optionally inside "
+            f"radam_dist.Lookahead; got {type(optimizer).__name__}"
+            + (f"({type(inner).__name__})" if inner is not optimizer else ""),
+        )
+    return optimizer
+
+
+def canonical_json(config: ConfigLike) -> str:
+    """The config after a build / serialize round trip, as sorted JSON (for comparisons)."""
+    return json.dumps(keras.optimizers.serialize(build_optimizer(config)), sort_keys=True)
