@@ -17,6 +17,8 @@ PY="${1:-.venv/bin/python}"
 HVD_VERSION="0.28.1"
 BIN_DIR="$(dirname "$PY")"
 
+# True when this python imports horovod.tensorflow ${HVD_VERSION} built with Gloo and
+# `horovodrun --check-build` lists TensorFlow and Gloo.
 have_working_horovod() {
     "$PY" - "$HVD_VERSION" <<'PYEOF' >/dev/null 2>&1 || return 1
 import sys
@@ -25,14 +27,22 @@ import horovod.tensorflow as hvd
 assert horovod.__version__ == sys.argv[1], horovod.__version__
 assert hvd.gloo_built(), "Horovod was built without Gloo"
 PYEOF
-    "$BIN_DIR/horovodrun" --check-build 2>/dev/null | grep -q '\[X\] TensorFlow' || return 1
-    "$BIN_DIR/horovodrun" --check-build 2>/dev/null | grep -q '\[X\] Gloo' || return 1
+    local report
+    report="$(TF_CPP_MIN_LOG_LEVEL=3 "$BIN_DIR/horovodrun" --check-build 2>/dev/null)" || return 1
+    grep -q '\[X\] TensorFlow' <<<"$report" && grep -q '\[X\] Gloo' <<<"$report"
 }
 
 if [[ "${HOROVOD_FORCE_REBUILD:-0}" != "1" ]] && have_working_horovod; then
     echo "horovod ${HVD_VERSION} with TensorFlow+Gloo already in $(dirname "$BIN_DIR"); skipping build"
     exit 0
 fi
+
+for tool in g++ make; do
+    command -v "$tool" >/dev/null || { echo "error: $tool not found (Horovod compiles C++ code)" >&2; exit 1; }
+done
+command -v cmake >/dev/null || echo "note: no cmake on PATH; Horovod's setup.py will pip-install one" >&2
+# --no-build-isolation builds with this venv's own setuptools (and wheel).
+"$PY" -c 'import setuptools, wheel' 2>/dev/null || "$PY" -m pip install -q setuptools wheel
 
 TF_INCLUDE="$("$PY" -c 'import tensorflow as tf; print(tf.sysconfig.get_include())' 2>/dev/null)"
 if [[ ! -d "$TF_INCLUDE/external/highwayhash" ]]; then
@@ -60,6 +70,8 @@ fi
 export MAKEFLAGS="-j$(nproc)"
 
 echo "building horovod ${HVD_VERSION} (TensorFlow + Gloo$([[ "${HOROVOD_WITH_MPI:-0}" == "1" ]] && echo ' + MPI')) into $(dirname "$BIN_DIR")"
+# pip would call an installed-but-broken horovod==X "already satisfied": remove it first.
+"$PY" -m pip uninstall -q -y horovod >/dev/null 2>&1 || true
 "$PY" -m pip install --no-build-isolation --no-cache-dir --no-binary horovod "horovod==${HVD_VERSION}"
 
 if ! have_working_horovod; then
@@ -67,4 +79,4 @@ if ! have_working_horovod; then
     "$BIN_DIR/horovodrun" --check-build >&2 || true
     exit 1
 fi
-"$BIN_DIR/horovodrun" --check-build
+echo "horovod ${HVD_VERSION} installed; horovodrun --check-build lists TensorFlow and Gloo"
