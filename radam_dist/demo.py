@@ -134,8 +134,10 @@ def run_distributed_parts(out_dir: str, skip: List[str]) -> bool:
             ok = False
             continue
         start = time.perf_counter()
+        part_dir = os.path.join(out_dir, short)
+        os.makedirs(part_dir, exist_ok=True)
         try:
-            lines = module.run(out_dir)
+            lines = module.run(part_dir)
         except Exception as error:  # a demo part failing must not hide the others
             logger.exception("%s failed", module_name)
             print(f"  FAILED: {error}")
