@@ -68,6 +68,10 @@ class ClassicOptimizerAPI:
                 f"{self.__class__.__name__} has no slot named {slot_name!r}; "
                 f"its slots are {self.get_slot_names()}"
             )
+        from radam_dist.distribute import pss  # PSS: the shard slots, as one ShardedVariable
+
+        if pss.is_sharded(var):
+            return pss.sharded_slot(self, var, slot_name)
         slot = self._slots[slot_name][self._index_of(var)]
         if slot is None:
             raise KeyError(f"no {slot_name!r} slot was created for this variable")

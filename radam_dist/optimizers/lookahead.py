@@ -22,6 +22,8 @@ import keras
 import tensorflow as tf
 
 from radam_dist import radam_math
+from radam_dist.distribute import pss as sharding
+from radam_dist.distribute import zero
 from radam_dist.optimizers.classic_api import ClassicOptimizerAPI
 
 
@@ -108,9 +110,13 @@ class Lookahead(ClassicOptimizerAPI, keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
+        var_list = sharding.expand_sharded(var_list)  # PSS: one slot per shard, on its server
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
         super().build(var_list)
+        if zero.lookahead_is_sharded(self):  # ZeRO-1: each replica keeps 1/N of the slow weights
+            zero.build_lookahead(self, var_list)
+            return
         for var in var_list:
             self.add_slot(var, "slow", initializer=var)
 
@@ -119,7 +125,7 @@ class Lookahead(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         else:
-            trainable_variables = list(trainable_variables)
+            grads, trainable_variables = sharding.split_sharded(grads, trainable_variables)
             self._build_eagerly(trainable_variables)
             self._check_variables_are_known(trainable_variables)
         before = tf.identity(self.iterations)
@@ -136,6 +142,8 @@ class Lookahead(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         after = tf.convert_to_tensor(self.iterations)
         sync = tf.logical_and(after > before, after % self.sync_period == 0)
         variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        if zero.lookahead_is_sharded(self):
+            return zero.lookahead_sync(self, variables, sync)
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._distributed_sync, self._distribution_strategy, variables, sync
         )

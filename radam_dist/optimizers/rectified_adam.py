@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import keras
 import tensorflow as tf
 
 from radam_dist import fused, radam_math
+from radam_dist.distribute import aggregation
+from radam_dist.distribute import pss as sharding
+from radam_dist.distribute import zero
 from radam_dist.optimizers.classic_api import ClassicOptimizerAPI, maybe_float
 
 Hyper = Union[float, keras.optimizers.schedules.LearningRateSchedule, Callable[[], Any]]
@@ -75,6 +78,15 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         total_steps: if > 0, warm up linearly over ``total_steps * warmup_proportion`` steps,
             then decay linearly to ``min_lr`` at ``total_steps``.
         warmup_proportion, min_lr: see ``total_steps``.
+        all_reduce_dtype: None (float32) or ``"float16"``: the dtype dense gradients are
+            summed across replicas in (see docs/DISTRIBUTE.md).
+        accumulation_steps: apply one step per this many ``apply`` calls (micro-batches),
+            with the mean of their gradients; works under tf.distribute, unlike Keras'
+            ``gradient_accumulation_steps``.
+        skip_nonfinite: drop a step whose gradients hold inf/NaN on any replica and count
+            it in ``skipped_steps``.
+        shard_optimizer_state: ZeRO stage 1 under MirroredStrategy / MWMS: each of N
+            replicas keeps 1/N of m, v, vhat (``get_slot`` is then unavailable).
         **kwargs: ``lr`` (alias of learning_rate), ``decay`` (legacy inverse-time decay
             ``lr / (1 + decay * iterations)``), ``clipnorm``, ``clipvalue``,
             ``global_clipnorm`` and Keras 3's optimizer arguments (``use_ema``,
@@ -100,6 +112,10 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         warmup_proportion: float = 0.1,
         min_lr: float = 0.0,
         name: str = "RectifiedAdam",
+        all_reduce_dtype: Optional[str] = None,  # after `name`: tfa's positional order holds
+        accumulation_steps: int = 1,
+        skip_nonfinite: bool = False,
+        shard_optimizer_state: bool = False,
         **kwargs,
     ):
         if "lr" in kwargs:
@@ -127,6 +143,11 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         self.warmup_proportion = float(warmup_proportion)
         self.min_lr = float(min_lr)
         self.decay = decay
+        # Cross-replica sum in float16 when set (radam_dist/distribute/aggregation.py).
+        self.all_reduce_dtype = aggregation.validate_all_reduce_dtype(all_reduce_dtype)
+        self.accumulation_steps = aggregation.validate_accumulation_steps(accumulation_steps)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.shard_optimizer_state = bool(shard_optimizer_state)  # ZeRO-1: distribute/zero.py
         # Decoupled decay is part of our update; Keras 3's own `weight_decay` stays unused.
         self.radam_weight_decay = maybe_float(weight_decay)
         self._has_weight_decay = callable(weight_decay) or weight_decay != 0.0
@@ -164,15 +185,26 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
+        var_list = sharding.expand_sharded(var_list)  # PSS: one slot per shard, on its server
         super().build(var_list)
-        for name in self._SLOT_NAMES + (("vhat",) if self.amsgrad else ()):
+        slot_names = self._SLOT_NAMES + (("vhat",) if self.amsgrad else ())
+        if self.shard_optimizer_state:
+            zero.build(self, var_list, slot_names)  # each replica: 1/N of every slot
+            slot_names = ()
+        for name in slot_names:
             for var in var_list:
                 self.add_slot(var, name)
+        aggregation.build_gate_state(self, var_list)  # accumulators, skip counter
 
     def apply(self, grads, trainable_variables=None):
         if trainable_variables is not None:
-            trainable_variables = list(trainable_variables)
+            grads, trainable_variables = sharding.split_sharded(grads, trainable_variables)
             self._build_eagerly(trainable_variables)
+        if aggregation.gate_is_active(self):  # accumulation / non-finite skipping
+            variables = trainable_variables
+            if variables is None:
+                variables = self._trainable_variables
+            return aggregation.gated_apply(self, grads, variables, super().apply)
         return super().apply(grads, trainable_variables)
 
     # -- one step -------------------------------------------------------------------------------
@@ -219,7 +251,10 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
             # One compiled XLA call for all dense updates (radam_dist/fused.py); sparse
             # gradients keep the per-variable path below.
             dense = [(g, v) for g, v in grads_and_vars if fused.is_dense_float(g, v)]
-            fused.apply_dense([self._dense_update(var, grad, scalars) for grad, var in dense])
+            fused.apply_dense(
+                [self._dense_update(var, grad, scalars) for grad, var in dense],
+                cache=self.__dict__.setdefault("_fused_compiled", {}),  # untracked by Keras
+            )
             grads_and_vars = [(g, v) for g, v in grads_and_vars if not fused.is_dense_float(g, v)]
         for grad, var in grads_and_vars:
             distribution.extended.update(
@@ -256,6 +291,19 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         var = variable.value if isinstance(variable, keras.Variable) else variable
         dtype = radam_math.compute_dtype(var.dtype)
         self._update_variable(var, gradient, {dtype.name: self.step_scalars(learning_rate, dtype)})
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        if self.shard_optimizer_state:
+            return zero.apply_gradients(self, grads, trainable_variables)
+        return super()._backend_apply_gradients(grads, trainable_variables)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        """Keras' float32 cross-replica sum, or the compressed one (``all_reduce_dtype``)."""
+        if self.all_reduce_dtype is None:
+            return super()._all_reduce_sum_gradients(grads_and_vars)
+        return aggregation.compressed_all_reduce_sum(
+            grads_and_vars, self.all_reduce_dtype, super()._all_reduce_sum_gradients
+        )
 
     def _clip_gradients(self, grads):
         """Keras 3 clips before the cross-replica sum; we clip after it (``_clip_aggregated``)
@@ -300,6 +348,10 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
                 "warmup_proportion": self.warmup_proportion,
                 "min_lr": self.min_lr,
                 "decay": self.decay,
+                "all_reduce_dtype": self.all_reduce_dtype,
+                "accumulation_steps": self.accumulation_steps,
+                "skip_nonfinite": self.skip_nonfinite,
+                "shard_optimizer_state": self.shard_optimizer_state,
             }
         )
         return config

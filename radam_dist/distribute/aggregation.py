@@ -1,0 +1,223 @@
+"""Cross-replica gradient aggregation options for RectifiedAdam.
+
+* default: the gradients are summed across replicas in float32 (Keras' all-reduce);
+* ``all_reduce_dtype="float16"``: dense float32 gradients are cast to float16 for the
+  all-reduce (half the bytes on the wire) and cast back before the update. Each replica's
+  gradient is divided by the number of replicas before the cast and the sum multiplied back,
+  so the sum cannot overflow where the single gradients do not. Sparse (IndexedSlices)
+  gradients and non-float32 gradients are reduced as before. The error this costs is
+  measured in tests/test_distribute_aggregation.py and docs/DISTRIBUTE.md.
+
+bfloat16 is refused: TF 2.21's collective all-reduce (CollectiveReduceV2) accepts float16,
+float32, float64, int32 and int64 only, so a bfloat16 "all-reduce" would have to be emulated
+and would save nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import keras
+import tensorflow as tf
+
+SUPPORTED_ALL_REDUCE_DTYPES = ("float32", "float16")
+
+
+def validate_all_reduce_dtype(value) -> Optional[str]:
+    """``None`` for the default float32 all-reduce, or the name of the compressed dtype."""
+    if value is None:
+        return None
+    name = tf.as_dtype(value).name if not isinstance(value, str) else value
+    if name == "float32":
+        return None
+    if name == "bfloat16":
+        raise ValueError(
+            "all_reduce_dtype='bfloat16' is not supported: TensorFlow's collective all-reduce "
+            "has no bfloat16 kernel (it takes float16, float32, float64); use 'float16'"
+        )
+    if name not in SUPPORTED_ALL_REDUCE_DTYPES:
+        raise ValueError(
+            f"all_reduce_dtype must be one of {SUPPORTED_ALL_REDUCE_DTYPES} or None, got {value!r}"
+        )
+    return name
+
+
+def compressed_all_reduce_sum(
+    grads_and_vars: Sequence[Tuple],
+    dtype: str,
+    all_reduce_sum: Callable[[List[Tuple]], List[Tuple]],
+) -> List[Tuple]:
+    """Sum ``grads_and_vars`` across replicas with dense float32 gradients sent as ``dtype``.
+
+    ``all_reduce_sum`` is the optimizer's own float32 cross-replica sum (it keeps the order
+    and the None gradients); it is called once for the compressed gradients and once for the
+    rest, so every collective sees a single dtype.
+    """
+    replica_context = tf.distribute.get_replica_context()
+    grads_and_vars = list(grads_and_vars)
+    if replica_context is None or replica_context.num_replicas_in_sync == 1:
+        return all_reduce_sum(grads_and_vars)
+    wire = tf.as_dtype(dtype)
+    n = float(replica_context.num_replicas_in_sync)
+
+    def compressible(grad):
+        dense = grad is not None and not isinstance(grad, tf.IndexedSlices)
+        return dense and grad.dtype == tf.float32
+
+    small = [(tf.cast(g / n, wire), v) for g, v in grads_and_vars if compressible(g)]
+    other = [(g, v) for g, v in grads_and_vars if g is not None and not compressible(g)]
+    # Keras' sum warns (and breaks) on None entries: only real gradients go in.
+    small = iter(all_reduce_sum(small) if small else [])
+    other = iter(all_reduce_sum(other) if other else [])
+    result = []
+    for g, v in grads_and_vars:
+        if g is None:
+            result.append((None, v))
+        elif compressible(g):
+            result.append((tf.cast(next(small)[0], tf.float32) * n, v))
+        else:
+            result.append((next(other)[0], v))
+    return result
+
+
+# -- accumulation over micro-batches and skipping of non-finite steps --------------------------
+#
+# Keras 3's own ``gradient_accumulation_steps`` puts the update (which calls merge_call) inside
+# a cond in replica context, which MirroredStrategy and MWMS refuse ("Exception encountered
+# when calling Cond.call()"). Here the decision is taken once per step in cross-replica
+# context (inside one merge_call), as Keras' LossScaleOptimizer does: a cond there, whose
+# "apply" branch goes back to the replicas with call_for_each_replica.
+
+
+def validate_accumulation_steps(value) -> int:
+    if int(value) != value or value < 1:
+        raise ValueError(f"accumulation_steps must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def gate_is_active(optimizer) -> bool:
+    return optimizer.accumulation_steps > 1 or optimizer.skip_nonfinite
+
+
+def build_gate_state(optimizer, variables: Sequence) -> None:
+    """Create the accumulators (one per variable, like it) and the counters; called from
+    ``build``, i.e. eagerly under the optimizer's strategy."""
+    if not gate_is_active(optimizer):
+        return
+    optimizer.skipped_steps = optimizer.add_variable(
+        shape=(), initializer="zeros", dtype="int64", name="skipped_steps"
+    )
+    optimizer.accumulated_micro_steps = optimizer.add_variable(
+        shape=(), initializer="zeros", dtype="int64", name="accumulated_micro_steps"
+    )
+    optimizer._accumulators = []
+    if optimizer.accumulation_steps > 1:
+        optimizer._accumulators = [
+            optimizer.add_variable_from_reference(v, name="accumulator") for v in variables
+        ]
+
+
+def _tf(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _count_nonfinite(grads) -> tf.Tensor:
+    counts = [tf.constant(0.0)]
+    for g in grads:
+        if g is None:
+            continue
+        values = g.values if isinstance(g, tf.IndexedSlices) else g
+        counts.append(tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(values)), tf.float32)))
+    return tf.add_n(counts)
+
+
+def _first(distribution, value):
+    if isinstance(value, tf.distribute.DistributedValues):
+        return distribution.experimental_local_results(value)[0]
+    return value
+
+
+def _accumulated_gradient(grad, accumulator, steps: int):
+    """(this micro-batch's gradient + the accumulated ones) / steps, sparse kept sparse (the
+    rows touched by some micro-batch, i.e. the non-zero rows of the sum)."""
+    acc = tf.convert_to_tensor(_tf(accumulator))
+    if isinstance(grad, tf.IndexedSlices):
+        total = tf.tensor_scatter_nd_add(acc, tf.expand_dims(grad.indices, -1), grad.values)
+        flat = tf.reshape(total, [tf.shape(total)[0], -1])
+        rows = tf.reshape(tf.where(tf.reduce_any(tf.not_equal(flat, 0), axis=1)), [-1])
+        rows = tf.cast(rows, grad.indices.dtype)
+        return tf.IndexedSlices(tf.gather(total, rows) / steps, rows, grad.dense_shape)
+    return (tf.convert_to_tensor(grad) + acc) / steps
+
+
+def gated_apply(optimizer, grads, variables, apply_fn) -> None:
+    """``apply_fn(grads, variables)`` behind the accumulation / non-finite gate.
+
+    Each call is one micro-batch. If any replica's gradients hold inf or NaN (all-reduced
+    count), the micro-batch is dropped: nothing changes but ``skipped_steps`` (+1). Otherwise
+    it is added to the per-replica accumulators, and every ``accumulation_steps``-th
+    micro-batch the mean of the accumulated gradients is applied (one RAdam step, one
+    ``iterations`` increment) and the accumulators are cleared.
+    """
+    grads, variables = list(grads), list(variables)
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:
+        raise ValueError("apply() must be called in a replica context")
+    steps = optimizer.accumulation_steps
+    if optimizer.skip_nonfinite:
+        bad = _count_nonfinite(grads)
+        if ctx.num_replicas_in_sync > 1:
+            bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+        finite = tf.equal(bad, 0.0)
+    else:
+        finite = tf.constant(True)
+    micro = tf.convert_to_tensor(_tf(optimizer.accumulated_micro_steps))
+    is_last = tf.equal((micro + 1) % steps, 0)
+    accumulators = list(optimizer._accumulators)
+    present = [i for i, g in enumerate(grads) if g is not None]
+
+    def replica_apply(replica_grads):
+        if steps > 1:
+            replica_grads = [
+                None if g is None else _accumulated_gradient(g, accumulators[i], steps)
+                for i, g in enumerate(replica_grads)
+            ]
+        apply_fn(replica_grads, variables)
+
+    def cross_replica(distribution, replica_grads, finite, is_last):
+        finite, is_last = _first(distribution, finite), _first(distribution, is_last)
+        counter = _tf(optimizer.accumulated_micro_steps)
+
+        def apply_branch():
+            distribution.extended.call_for_each_replica(replica_apply, args=(replica_grads,))
+            for i in present if steps > 1 else []:
+                distribution.extended.update(
+                    _tf(accumulators[i]), lambda a: a.assign(tf.zeros_like(a)), group=False
+                )
+            counter.assign_add(1)
+
+        def accumulate_branch():
+            for i in present:
+                distribution.extended.update(
+                    _tf(accumulators[i]), _add_to, args=(replica_grads[i],), group=False
+                )
+            counter.assign_add(1)
+
+        def skip_branch():
+            _tf(optimizer.skipped_steps).assign_add(1)
+
+        def take():
+            if steps == 1:
+                apply_branch()
+            else:
+                tf.cond(is_last, apply_branch, accumulate_branch)
+
+        tf.cond(finite, take, skip_branch)
+
+    ctx.merge_call(cross_replica, args=(grads, finite, is_last))
+
+
+def _add_to(accumulator, grad):
+    if isinstance(grad, tf.IndexedSlices):
+        return accumulator.scatter_add(grad)
+    return accumulator.assign_add(grad)
