@@ -1,5 +1,7 @@
 """Training paths: model.fit, XLA, mixed precision, MirroredStrategy over two CPU devices."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -100,11 +102,17 @@ def test_mixed_float16_policy_fit_trains():
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
 
 
+@functools.lru_cache(maxsize=None)
+def _mirrored_strategy():
+    return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]])
+
+
 def _mirrored():
-    devices = tf.config.list_logical_devices("CPU")
-    if len(devices) < 2:
+    """One strategy for the whole file: separate MirroredStrategy objects in one process
+    reuse the same collective instance keys, and collectives of different shapes then clash."""
+    if len(tf.config.list_logical_devices("CPU")) < 2:
         pytest.skip("needs two logical CPU devices (tests/conftest.py sets them up)")
-    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    return _mirrored_strategy()
 
 
 def _custom_loop(strategy, make_optimizer, x, y, steps, batch, make_model=_model):
