@@ -17,6 +17,16 @@ results agree to round-off. Where tfa is wrong we deviate on purpose:
 * the rectification term is never NaN: where tfa takes the square root of a negative number
   (2 < sma_t < 4, reachable with sma_threshold < 4) we take the un-rectified momentum step,
   the RAdam paper's rule for when the variance of the adaptive rate is intractable.
+
+Compiled with XLA (``jit_compile``, or the fused path in ``radam_dist.fused``), the code
+generator would contract ``a * b + c`` into one fused multiply-add, rounding once where TF's
+kernels (and tfa) round twice. Inside an XLA context every product that feeds a sum goes
+through ``_rounded``, which multiplies it by ``StepScalars.one``: exactly 1.0, but computed
+from the step so the compiler cannot prove it. ``fma(p, one, c)`` then equals ``p + c`` with
+``p`` already rounded, so given the same step scalars the update is bit-for-bit the plain
+path's. (The scalars themselves, when XLA computes them, may differ in the last bit: XLA
+reassociates expressions of constants, e.g. ``(3 - x) - 2`` into ``1 - x``. The fused path
+computes them with TF's kernels, outside the compiled update.)
 """
 
 from __future__ import annotations
@@ -54,6 +64,8 @@ class StepScalars(NamedTuple):
     rectified: tf.Tensor  # bool: take the adaptive (rectified) step
     epsilon: tf.Tensor
     has_weight_decay: bool  # Python bool: skip the decay ops entirely when 0
+    # Exactly 1.0 (m_correction / m_correction), opaque to XLA: see ``_rounded``.
+    one: Optional[tf.Tensor] = None
 
 
 def compute_dtype(var_dtype: tf.DType) -> tf.DType:
@@ -124,6 +136,8 @@ def step_scalars(
     beta_2 = hyperparameter(hp.beta_2, dtype)
     beta_1_power = tf.pow(beta_1, step)
     beta_2_power = tf.pow(beta_2, step)
+    m_correction = 1.0 / (1.0 - beta_1_power)  # finite and >= 1 for every step >= 1
+    one = m_correction / m_correction
     _, r_t, rectified = rectification(step, beta_2, hyperparameter(hp.sma_threshold, dtype))
     if hp.total_steps > 0:
         lr = warmup_learning_rate(lr, step, hp.total_steps, hp.warmup_proportion, hp.min_lr)
@@ -134,22 +148,50 @@ def step_scalars(
         one_minus_beta_1=1.0 - beta_1,
         beta_2=beta_2,
         one_minus_beta_2=1.0 - beta_2,
-        m_correction=1.0 / (1.0 - beta_1_power),
+        m_correction=m_correction,
         v_correction=1.0 / (1.0 - beta_2_power),
         r_t=r_t,
         rectified=rectified,
         epsilon=tf.constant(hp.epsilon, dtype),
         has_weight_decay=has_weight_decay,
+        one=one,
     )
+
+
+def _in_xla_context() -> bool:
+    from tensorflow.python.framework import ops  # pylint: disable=import-outside-toplevel
+    from tensorflow.python.ops import control_flow_util  # pylint: disable=import-outside-toplevel
+
+    return not tf.executing_eagerly() and control_flow_util.GraphOrParentsInXlaContext(
+        ops.get_default_graph()
+    )
+
+
+def _rounded(product, one):
+    """``product``, kept rounded on its own under XLA even when a sum follows it.
+
+    TF's kernels run one op at a time; XLA's code generator contracts ``a * b + c`` into a
+    fused multiply-add, which rounds once where TF (and tfa) round twice. ``(a * b) * one``
+    with ``one`` a runtime 1.0 leaves nothing to contract but the exact ``* one``:
+    ``fma(p, 1, c) == p + c``. Outside XLA (or with ``one=None``) this is the identity.
+    """
+    if one is None or not _in_xla_context():
+        return product
+    return product * tf.cast(one, product.dtype)
+
+
+def _product(a, b, s: StepScalars):
+    """``a * b`` for a sum that follows: see ``_rounded``."""
+    return _rounded(a * b, s.one)
 
 
 def direction(m_t, v_hat_t, var, s: StepScalars):
     """The step before it is scaled by -lr: rectified Adam or plain momentum, plus decay."""
-    m_corr = m_t * s.m_correction
+    m_corr = _product(m_t, s.m_correction, s)  # the momentum step adds decay to it
     v_corr = tf.sqrt(v_hat_t * s.v_correction)
     update = tf.where(s.rectified, s.r_t * m_corr / (v_corr + s.epsilon), m_corr)
     if s.has_weight_decay:
-        update += s.weight_decay * var
+        update += _product(s.weight_decay, var, s)
     return update
 
 
@@ -168,15 +210,15 @@ def apply_dense(var, grad, m, v, vhat: Optional[tf.Variable], s: StepScalars) ->
     """One RAdam step on a variable with a dense gradient (updates var, m, v, vhat in place)."""
     dtype = s.lr.dtype
     grad = _read(grad, dtype)
-    m_t = s.beta_1 * _read(m, dtype) + s.one_minus_beta_1 * grad
-    v_t = s.beta_2 * _read(v, dtype) + s.one_minus_beta_2 * tf.square(grad)
+    m_t = _product(s.beta_1, _read(m, dtype), s) + _product(s.one_minus_beta_1, grad, s)
+    v_t = _product(s.beta_2, _read(v, dtype), s) + _product(s.one_minus_beta_2, tf.square(grad), s)
     _write(m, m_t)
     _write(v, v_t)
     if vhat is not None:
         v_t = tf.maximum(_read(vhat, dtype), v_t)
         _write(vhat, v_t)
     var_value = _read(var, dtype)
-    _write(var, var_value - s.lr * direction(m_t, v_t, var_value, s))
+    _write(var, var_value - _product(s.lr, direction(m_t, v_t, var_value, s), s))
 
 
 def deduplicate(values, indices):
@@ -195,9 +237,9 @@ def apply_sparse(var, values, indices, m, v, vhat: Optional[tf.Variable], s: Ste
     dtype = s.lr.dtype
     values, indices = deduplicate(_read(values, dtype), indices)
     _write(m, _read(m, dtype) * s.beta_1)
-    _scatter_add(m, indices, values * s.one_minus_beta_1)
+    _scatter_add(m, indices, _product(values, s.one_minus_beta_1, s))
     _write(v, _read(v, dtype) * s.beta_2)
-    _scatter_add(v, indices, (values * values) * s.one_minus_beta_2)
+    _scatter_add(v, indices, _product(values * values, s.one_minus_beta_2, s))
     if vhat is not None:
         _write(vhat, tf.maximum(_read(vhat, dtype), _read(v, dtype)))
         v_source = vhat
@@ -206,7 +248,7 @@ def apply_sparse(var, values, indices, m, v, vhat: Optional[tf.Variable], s: Ste
     m_rows = tf.gather(_read(m, dtype), indices)
     v_rows = tf.gather(_read(v_source, dtype), indices)
     var_rows = tf.gather(_read(var, dtype), indices)
-    _scatter_add(var, indices, -s.lr * direction(m_rows, v_rows, var_rows, s))
+    _scatter_add(var, indices, _product(-s.lr, direction(m_rows, v_rows, var_rows, s), s))
 
 
 def _scatter_add(variable, indices, rows):

@@ -248,7 +248,7 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
 
     def _distributed_update(self, distribution, grads_and_vars, scalars):
         if fused.applicable(distribution):
-            # One compiled XLA call for all dense updates (radam_dist/fused.py); sparse
+            # Dense updates in compiled XLA chunks (radam_dist/fused.py); sparse
             # gradients keep the per-variable path below.
             dense = [(g, v) for g, v in grads_and_vars if fused.is_dense_float(g, v)]
             fused.apply_dense(
