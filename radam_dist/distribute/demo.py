@@ -85,11 +85,10 @@ def run(out_dir: str) -> List[str]:
               "(model.fit, Lookahead(RectifiedAdam))",
               runs["mwms"], runs["mwms"]["seconds"]),
     ]
-    for line in lines:
-        log.info(line)
     return lines
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(sys.argv[1] if len(sys.argv) > 1 else "out")
+    for summary in run(sys.argv[1] if len(sys.argv) > 1 else "out"):
+        log.info(summary)

@@ -39,10 +39,10 @@ def _horovodrun() -> str:
 
 
 def run(out_dir: str) -> List[str]:
-    """Train with two Horovod ranks; write ``out_dir``/horovod/; return summary lines."""
+    """Train with two Horovod ranks; write checkpoints and logs to ``out_dir``; return summary lines."""
     if not SCRIPT.exists():
         raise FileNotFoundError(f"{SCRIPT} is missing: run the demo from a radam_dist checkout")
-    out = Path(out_dir) / "horovod"
+    out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -101,7 +101,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run the two-rank Horovod demo.")
-    parser.add_argument("--out", default="out", help="output folder (horovod/ is created in it)")
+    parser.add_argument("--out", default="out", help="output folder for checkpoints and logs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for line in run(args.out):
