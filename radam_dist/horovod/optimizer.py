@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from radam_dist.horovod._hvd import hvd, require_initialized
+from radam_dist.optimizers.wrapper import ForwardsToInnerOptimizer
 from radam_dist.horovod.compression import check_compression, grouped_reduce
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def _in_xla_context() -> bool:
     return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
 
 
-class DistributedOptimizer(keras.optimizers.Optimizer):
+class DistributedOptimizer(ForwardsToInnerOptimizer, keras.optimizers.Optimizer):
     """All-reduces gradients across Horovod ranks before ``optimizer`` applies them.
 
     Args:
@@ -126,29 +127,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
     # -- what the wrapped optimizer owns --------------------------------------------------------
     @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
-
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, value):
-        # Keras' base __init__ sets a placeholder rate before the wrapped optimizer exists.
-        if "inner_optimizer" in self.__dict__:
-            self.inner_optimizer.learning_rate = value
-
-    @property
     def variables(self) -> list:
         """The wrapped optimizer's variables, then the gradient accumulators (if any)."""
         return list(self.inner_optimizer.variables) + self._variables[:]
-
-    def scale_loss(self, loss):
-        return self.inner_optimizer.scale_loss(loss)
-
-    def finalize_variable_values(self, var_list):
-        self.inner_optimizer.finalize_variable_values(var_list)
 
     # tfa's classic API, forwarded when the wrapped optimizer has it (RectifiedAdam, Lookahead).
     @property

@@ -25,9 +25,10 @@ from radam_dist import radam_math
 from radam_dist.distribute import pss as sharding
 from radam_dist.distribute import zero
 from radam_dist.optimizers.classic_api import ClassicOptimizerAPI
+from radam_dist.optimizers.wrapper import ForwardsToInnerOptimizer
 
 
-class Lookahead(ClassicOptimizerAPI, keras.optimizers.Optimizer):
+class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.Optimizer):
     """Wraps ``optimizer``; every ``sync_period`` steps pulls the weights toward slow copies.
 
     Args:
@@ -66,21 +67,7 @@ class Lookahead(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         self._aggregate_gradients = True
         self._init_slots()
 
-    # -- shared state -------------------------------------------------------------------------
-    @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
-
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, value):
-        # Keras' base __init__ sets a placeholder rate before the inner optimizer exists.
-        if "inner_optimizer" in self.__dict__:
-            self.inner_optimizer.learning_rate = value
-
+    # -- shared state (step counter and learning rate: ForwardsToInnerOptimizer) ------------------
     @property
     def variables(self) -> list:
         unused = (self._iterations, self._learning_rate)
@@ -164,9 +151,6 @@ class Lookahead(ClassicOptimizerAPI, keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         raise NotImplementedError("Lookahead applies whole steps through apply()")
-
-    def finalize_variable_values(self, var_list):
-        self.inner_optimizer.finalize_variable_values(var_list)
 
     # -- config ---------------------------------------------------------------------------------
     def get_config(self) -> dict:
