@@ -52,7 +52,7 @@ logger = logging.getLogger("bench.optimizer_step")
 MODES = ("eager", "function", "jit_compile")
 TFA_VENV = REPO / ".venv-tfa"
 TORCH_VENV = REPO / ".venv-bench-torch"
-TFA_PINS = ["tensorflow-cpu==2.15.1", "tensorflow-addons==0.23.0", "numpy<2"]
+TFA_PINS = ["-r", str(REPO / "requirements-tfa.txt")]  # the pins `make tfa-reference` uses
 TORCH_PINS = ["torch==2.13.0", "numpy<3"]
 
 
