@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,6 +116,8 @@ def run(out_dir: str) -> List[str]:
     """2 shard processes + 2 worker processes; returns summary lines (about 30-50 s on 2 cores)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("ckpt*"):  # a fresh job: a previous run's checkpoints would resume it
+        shutil.rmtree(old)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", RADAM_PS_TOKEN="")
     started = time.monotonic()
     procs = []
