@@ -69,7 +69,6 @@ def batch(tf):
 
 
 def bench_radam_ps(hidden, steps, workdir: Path):
-    import numpy as np
     import tensorflow as tf
 
     from radam_dist.ps.client import PSClient

@@ -13,7 +13,10 @@ import json
 import logging
 import os
 import socket
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+if TYPE_CHECKING:  # the launcher imports this module and must not pay for TensorFlow
+    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 

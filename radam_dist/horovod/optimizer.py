@@ -275,9 +275,6 @@ class DistributedOptimizer(ForwardsToInnerOptimizer, keras.optimizers.Optimizer)
                 out[i] = r
         return out
 
-    def update_step(self, gradient, variable, learning_rate):
-        raise NotImplementedError("DistributedOptimizer applies whole steps through apply()")
-
     # -- config ---------------------------------------------------------------------------------
     def get_config(self) -> dict:
         return {
@@ -288,12 +285,6 @@ class DistributedOptimizer(ForwardsToInnerOptimizer, keras.optimizers.Optimizer)
             "backward_passes_per_step": self.backward_passes_per_step,
             "sparse_as_dense": self.sparse_as_dense,
         }
-
-    @classmethod
-    def from_config(cls, config: dict, custom_objects=None):
-        config = dict(config)
-        inner = keras.optimizers.deserialize(config.pop("optimizer"), custom_objects=custom_objects)
-        return cls(inner, **config)
 
 
 DistributedOptimizer = keras.saving.register_keras_serializable(package="radam_dist")(

@@ -16,7 +16,7 @@ Fixed relative to tfa:
 
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import List, Union
 
 import keras
 import tensorflow as tf
@@ -149,9 +149,6 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
 
         return tf.cond(sync, pull_back, lambda: tf.constant(False))
 
-    def update_step(self, gradient, variable, learning_rate):
-        raise NotImplementedError("Lookahead applies whole steps through apply()")
-
     # -- config ---------------------------------------------------------------------------------
     def get_config(self) -> dict:
         return {
@@ -160,12 +157,6 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
             "sync_period": self.sync_period,
             "slow_step_size": self.slow_step_size,
         }
-
-    @classmethod
-    def from_config(cls, config: dict, custom_objects: Optional[dict] = None):
-        config = dict(config)
-        inner = keras.optimizers.deserialize(config.pop("optimizer"), custom_objects=custom_objects)
-        return cls(inner, **config)
 
 
 keras.saving.get_custom_objects()["Addons>Lookahead"] = Lookahead

@@ -7,6 +7,10 @@ callbacks such as ReduceLROnPlateau and checkpoints see one of each.
 
 from __future__ import annotations
 
+from typing import Optional
+
+import keras
+
 
 class ForwardsToInnerOptimizer:
     """Mixin for a ``keras.optimizers.Optimizer`` that holds ``self.inner_optimizer``."""
@@ -30,3 +34,13 @@ class ForwardsToInnerOptimizer:
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
+
+    def update_step(self, gradient, variable, learning_rate):
+        raise NotImplementedError(f"{type(self).__name__} applies whole steps through apply()")
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects: Optional[dict] = None):
+        """``config["optimizer"]`` is the inner optimizer's Keras serialization."""
+        config = dict(config)
+        inner = keras.optimizers.deserialize(config.pop("optimizer"), custom_objects=custom_objects)
+        return cls(inner, **config)
