@@ -19,7 +19,7 @@ from _common import SHAPE_SETS, emit, make_arrays, summary, time_runs  # noqa: E
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("shape_set", choices=sorted(SHAPE_SETS))
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--modes", default="eager,function,jit_compile")
     args = parser.parse_args()

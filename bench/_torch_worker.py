@@ -14,7 +14,7 @@ from _common import SHAPE_SETS, emit, make_arrays, summary, time_runs
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("shape_set", choices=sorted(SHAPE_SETS))
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     args = parser.parse_args()

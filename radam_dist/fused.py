@@ -4,7 +4,7 @@ Why: a step is memory traffic (28 bytes per float32 parameter: read var, grad, m
 var, m, v). Run one TF op at a time, ``radam_math.apply_dense`` makes about 19 passes over
 each variable; compiled by XLA it becomes one loop per variable, and one compiled call
 covers ``MAX_GROUP`` variables, so a model of 1,000 small variables pays 32 dispatches, not
-19,000.
+19,000. Lookahead's synchronisation (``pull_back``) takes the same path.
 
 The math is still ``radam_math.apply_dense``, traced inside ``tf.function(jit_compile=True)``;
 ``radam_math._rounded`` keeps XLA from contracting products into FMAs, so the results are
@@ -67,7 +67,7 @@ def is_dense_float(grad, var) -> bool:
     )
 
 
-def _compiled_for_signature():
+def _compiled_dense_update():
     """A fresh XLA-compiled function over lists of variables, slots and gradients.
 
     Variables are arguments, not captures, so chunks of the same shapes share one trace and
@@ -83,11 +83,35 @@ def _compiled_for_signature():
     return apply_chunk
 
 
-def _signature(chunk: Sequence[DenseUpdate]) -> tuple:
-    first = chunk[0]
-    return (first.scalars.has_weight_decay, first.vhat is not None) + tuple(
-        (u.var.dtype.name, tuple(u.var.shape), u.grad.dtype.name) for u in chunk
-    )
+def _compiled_pull_back():
+    """A fresh XLA-compiled Lookahead synchronisation over lists of fast and slow weights."""
+
+    @tf.function(jit_compile=True, autograph=False)
+    def pull_back_chunk(variables, slows, slow_step_size, one):
+        for var, slow in zip(variables, slows):
+            radam_math.lookahead_pull_back(var, slow, slow_step_size, one)
+
+    return pull_back_chunk
+
+
+def _shapes(variables) -> tuple:
+    return tuple((v.dtype.name, tuple(v.shape)) for v in variables)
+
+
+def _in_chunks(items: Sequence, cache: dict, key, compile_fn, call) -> None:
+    """Run ``call(compiled, chunk)`` over ``items`` in chunks of ``MAX_GROUP``.
+
+    Items are ordered by their variable's dtype and shape (the updates are independent), so
+    that chunks repeat and reuse compilations; ``key(chunk)`` names a chunk's compilation in
+    ``cache``, and ``compile_fn()`` makes it the first time.
+    """
+    items = sorted(items, key=lambda item: (item[0].dtype.name, tuple(item[0].shape)))
+    for start in range(0, len(items), MAX_GROUP):
+        chunk = items[start : start + MAX_GROUP]
+        compiled = cache.get(key(chunk))
+        if compiled is None:
+            compiled = cache[key(chunk)] = compile_fn()
+        call(compiled, chunk)
 
 
 def _group_key(update: DenseUpdate) -> Tuple[int, bool, bool]:
@@ -100,9 +124,7 @@ def _group_key(update: DenseUpdate) -> Tuple[int, bool, bool]:
 def apply_dense(updates: Sequence[DenseUpdate], cache: Optional[dict] = None) -> None:
     """Apply every update, grouped by shared step scalars, in compiled chunks.
 
-    Within a group variables are ordered by shape (the updates are independent), so that
-    chunks repeat and reuse compilations. ``cache`` (the optimizer's) keeps the compiled
-    functions from step to step.
+    ``cache`` (the optimizer's) keeps the compiled functions from step to step.
     """
     cache = {} if cache is None else cache
     groups: Dict[Tuple[int, bool, bool], List[DenseUpdate]] = {}
@@ -110,13 +132,8 @@ def apply_dense(updates: Sequence[DenseUpdate], cache: Optional[dict] = None) ->
         groups.setdefault(_group_key(update), []).append(update)
     for group in groups.values():
         scalars = group[0].scalars
-        group = sorted(group, key=lambda u: (u.var.dtype.name, tuple(u.var.shape)))
-        for start in range(0, len(group), MAX_GROUP):
-            chunk = group[start : start + MAX_GROUP]
-            key = _signature(chunk)
-            compiled = cache.get(key)
-            if compiled is None:
-                compiled = cache[key] = _compiled_for_signature()
+
+        def call(compiled, chunk, scalars=scalars):
             compiled(
                 [u.var for u in chunk],
                 [u.m for u in chunk],
@@ -125,3 +142,32 @@ def apply_dense(updates: Sequence[DenseUpdate], cache: Optional[dict] = None) ->
                 [u.grad for u in chunk],
                 scalars,
             )
+
+        def key(chunk, variant=(scalars.has_weight_decay, group[0].vhat is not None)):
+            return ("radam",) + variant + tuple(
+                (u.var.dtype.name, tuple(u.var.shape), u.grad.dtype.name) for u in chunk)
+
+        _in_chunks(group, cache, key, _compiled_dense_update, call)
+
+
+def pull_back(
+    pairs: Sequence[Tuple[tf.Variable, tf.Variable]],
+    slow_step_size: float,
+    one: tf.Tensor,
+    cache: Optional[dict] = None,
+) -> None:
+    """Lookahead's synchronisation (``radam_math.lookahead_pull_back``) for every
+    (fast, slow) pair, in compiled chunks: one pass over each pair instead of five TF kernels.
+
+    ``one`` is a runtime 1.0 (see ``radam_math._rounded``) and alpha a runtime argument,
+    which keeps the result bit-for-bit that of the per-variable path.
+    """
+    cache = {} if cache is None else cache
+    alpha = tf.constant(slow_step_size, tf.float32)
+    _in_chunks(
+        pairs, cache,
+        key=lambda chunk: ("lookahead",) + _shapes(var for var, _ in chunk),
+        compile_fn=_compiled_pull_back,
+        call=lambda compiled, chunk: compiled(
+            [var for var, _ in chunk], [slow for _, slow in chunk], alpha, one),
+    )

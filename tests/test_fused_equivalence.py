@@ -52,8 +52,7 @@ def _run(make_optimizer, mode, dtype=tf.float32, sparse_index=None, lookahead=Fa
         step = tf.function(step, jit_compile=True)
     for grads in _gradients():
         step([tf.constant(g) for g in grads])
-    inner = optimizer.inner_optimizer if lookahead else optimizer
-    slots = [np.asarray(tf.cast(s, tf.float64)) for s in inner.weights[1:]]
+    slots = [np.asarray(tf.cast(s, tf.float64)) for s in optimizer.weights[1:]]  # slow too
     return [np.asarray(tf.cast(v, tf.float64)) for v in variables] + slots
 
 
@@ -116,6 +115,59 @@ def test_fused_step_matches_plain_step_bit_for_bit(case, mode, monkeypatch, fuse
     assert len(plain) == len(fast)
     for i, (a, b) in enumerate(zip(plain, fast)):
         np.testing.assert_array_equal(a, b, err_msg=f"{case}/{mode}: array {i} differs")
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "jit_compile"])
+def test_lookahead_syncs_in_one_branch_through_the_fused_pull_back(mode, monkeypatch):
+    """Without a strategy the synchronisation is one branch for all variables; outside a
+    caller's XLA its pull-backs run in compiled chunks (spied), and the slow weights end
+    where the per-variable path puts them."""
+    pulled = []
+    real = fused.pull_back
+
+    def spy(pairs, *args, **kwargs):
+        pulled.append(len(pairs))
+        return real(pairs, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "pull_back", spy)
+    make = CASES["lookahead"]["make"]
+    monkeypatch.setenv(fused.ENV_SWITCH, "0")
+    plain = _run(make, mode, lookahead=True)
+    assert pulled == []
+    monkeypatch.setenv(fused.ENV_SWITCH, "1")
+    fast = _run(make, mode, lookahead=True)
+    if mode == "eager":  # 8 steps, sync_period 3: synchronised after steps 3 and 6
+        assert pulled == [len(SHAPES)] * 2
+    elif mode == "function":  # traced (the first call also builds the slots, and retraces)
+        assert pulled and set(pulled) == {len(SHAPES)}
+    else:  # the caller's XLA compiles the pull-backs into its own computation
+        assert pulled == []
+    slow_weights = fast[len(SHAPES):2 * len(SHAPES)]
+    assert not any(np.array_equal(s, x) for s, x in zip(slow_weights, _initial(tf.float32)))
+    for a, b in zip(plain, fast):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_xla_does_not_contract_the_lookahead_pull_back():
+    """slow + alpha * (fast - slow), compiled with a runtime ``one`` and alpha (as the fused
+    path calls it), equals TF's kernels bit for bit on a large tensor (an FMA would round
+    once where they round twice; about 30% of these elements would differ)."""
+    rng = np.random.default_rng(4)
+    fast_init, slow_init = (rng.standard_normal(8192).astype(np.float32) for _ in range(2))
+
+    def run(compiled):
+        fast, slow = tf.Variable(fast_init), tf.Variable(slow_init)
+
+        def pull(alpha, one):
+            radam_math.lookahead_pull_back(fast, slow, alpha, one)
+
+        if compiled:
+            pull = tf.function(pull, jit_compile=True)
+        pull(tf.constant(0.37), tf.constant(1.0))
+        return fast.numpy(), slow.numpy()
+
+    for a, b in zip(run(compiled=False), run(compiled=True)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("mode", ["function", "jit_compile"])

@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
+from radam_dist import radam_math
 from radam_dist.horovod._hvd import hvd, require_initialized
 from radam_dist.optimizers.wrapper import ForwardsToInnerOptimizer
 from radam_dist.horovod.compression import check_compression, grouped_reduce
@@ -47,15 +48,6 @@ def _check_op(op) -> str:
         "op must be hvd.Average or hvd.Sum ('average' / 'sum'); Adasum, Min, Max and "
         f"Product are not supported for gradients here. Got {op!r}"
     )
-
-
-def _in_xla_context() -> bool:
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - TF internals moved
-        return False
-    graph = tf.compat.v1.get_default_graph()
-    return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
 
 
 class DistributedOptimizer(ForwardsToInnerOptimizer, keras.optimizers.Optimizer):
@@ -209,7 +201,7 @@ class DistributedOptimizer(ForwardsToInnerOptimizer, keras.optimizers.Optimizer)
                 "tf.distribute strategy with several replicas the gradients would be "
                 "reduced twice. Use either Horovod or tf.distribute, not both."
             )
-        if _in_xla_context():
+        if radam_math.in_xla_context():
             raise ValueError(
                 "Horovod's collective ops cannot run inside XLA: compile the model with "
                 "jit_compile=False"
