@@ -8,7 +8,9 @@ Lookahead(RectifiedAdam), Keras 3's Adam and tf_keras' legacy Adam (the fused
 ResourceApplyAdam kernel), each eagerly, in tf.function and in tf.function(jit_compile=True);
 then tensorflow-addons 0.23's RectifiedAdam (TF 2.15, its own venv) and torch.optim.RAdam
 (foreach) in their own processes on the same shapes; and divides the bytes a step must move
-by the bandwidth a STREAM-like triad reaches on this machine (the bound).
+by the bandwidth of a STREAM-like triad, compiled by XLA and writing in place, timed in
+every turn among the candidates (the bound: load on a shared machine moves it). A last row, the
+floor, makes the three writes of a step with no arithmetic: what the harness itself costs.
 
 Reports medians of --runs runs (each --steps steps) and the ratios the targets are about.
 
@@ -25,11 +27,12 @@ import logging
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -91,38 +94,45 @@ def numpy_triad(mib: int, threads: int, repeats: int = 5) -> float:
     return best
 
 
-def xla_triad(mib: int, repeats: int = 5) -> float:
-    """Bytes per second of a = b + s * c on TF variables, compiled by XLA (the code generator
-    the optimizers' fast path uses; writes in place like an optimizer, no write-allocate
-    reads). 12 bytes per element; the best of ``repeats``."""
-    import tensorflow as tf
+class XlaTriad:
+    """``a += s * c`` on TF variables, compiled by XLA (the code generator the optimizers'
+    fast path uses): 12 bytes per element (read a, read c, write a), written in place as an
+    optimizer writes its variables. (``a = b + s * c`` into a variable XLA does not read gets
+    a fresh output buffer every call, and its page faults cost a third of the bandwidth: 45
+    against 69 GB/s on the development VM.)"""
 
-    n = mib * 2**20 // 4
-    a = tf.Variable(tf.zeros([n]))
-    b = tf.Variable(tf.ones([n]))
-    c = tf.Variable(tf.fill([n], 2.0))
+    def __init__(self, mib: int):
+        import tensorflow as tf
 
-    @tf.function(jit_compile=True)
-    def triad(scalar):
-        a.assign(b + scalar * c)
+        self.n = mib * 2**20 // 4
+        self.a = tf.Variable(tf.zeros([self.n]))
+        c = tf.Variable(tf.fill([self.n], 2.0))
+        scalar = tf.constant(3.0)
 
-    scalar = tf.constant(3.0)
-    triad(scalar)
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        triad(scalar)
-        a[:1].numpy()
-        best = max(best, 12 * n / (time.perf_counter() - start))
-    assert float(a[n // 2]) == 7.0
-    return best
+        @tf.function(jit_compile=True)
+        def step():  # returns nothing: a returned value would be one more 4-byte copy
+            self.a.assign_add(scalar * c)
+
+        self._step = step
+        self._calls = 0
+        self.bandwidth(repeats=1)  # compile, touch the memory
+
+    def bandwidth(self, repeats: int) -> float:
+        """Bytes per second, the best of ``repeats`` calls."""
+        best = 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self._step()
+            middle = float(self.a[self.n // 2].numpy())
+            best = max(best, 12 * self.n / (time.perf_counter() - start))
+            self._calls += 1
+            assert middle == 6.0 * self._calls, (middle, self._calls)
+        return best
 
 
 def triad_bandwidth(mib: int = 256, threads: int = 2) -> Dict[str, float]:
-    """The STREAM-like triad both ways; the bound uses the faster (the machine can do that)."""
-    found = {"numpy_triad": numpy_triad(mib, threads), "xla_triad": xla_triad(mib)}
-    found["best"] = max(found.values())
-    return found
+    """The STREAM-like triad both ways, at the start of the run."""
+    return {"numpy_triad": numpy_triad(mib, threads), "xla_triad": XlaTriad(mib).bandwidth(5)}
 
 
 # -- candidates in this process ---------------------------------------------------------------
@@ -171,11 +181,14 @@ def _candidates():
     }
 
 
-def time_in_process(shape_set: str, steps: int, runs: int, only: Optional[List[str]]) -> Dict:
-    """Seconds per step of every in-process candidate, mode by mode.
+def time_in_process(shape_set: str, steps: int, runs: int, only: Optional[List[str]],
+                    triad: XlaTriad) -> Tuple[Dict, List[float]]:
+    """Seconds per step of every in-process candidate, mode by mode, and the triad's
+    bandwidth (bytes per second) measured in every turn.
 
-    Within a mode the candidates take turns (run 1 of each, then run 2 of each, ...), so the
-    load of a shared machine falls on all of them alike.
+    Within a mode the candidates take turns (run 1 of each, then run 2 of each, ...), and
+    the triad takes its turn with them, so the load of a shared machine falls on all of them
+    alike, the bound included.
     """
     import tensorflow as tf
 
@@ -187,6 +200,7 @@ def time_in_process(shape_set: str, steps: int, runs: int, only: Optional[List[s
                   if not only or any(key.lower() in name.lower() for key in only)}
     sync = lambda: variables[-1].numpy()  # noqa: E731
     results: Dict[str, Dict] = {name: {} for name in candidates}
+    bandwidths: List[float] = []
     for mode in MODES:
         steps_by_name: Dict[str, Callable[[], None]] = {}
         switch: Dict[str, str] = {}
@@ -215,15 +229,16 @@ def time_in_process(shape_set: str, steps: int, runs: int, only: Optional[List[s
             for name, step in steps_by_name.items():
                 os.environ["RADAM_DIST_FUSED"] = switch[name]
                 times[name] += time_runs(step, sync, steps, runs=1, warmup=0)
+            bandwidths.append(triad.bandwidth(repeats=3))
         os.environ.pop("RADAM_DIST_FUSED", None)
         for name, per_step in times.items():
-            results[name][mode] = summary(per_step)
+            results[name][mode] = dict(summary(per_step), per_run_s=per_step)  # in turn order
             logger.info("%s %s %s: %.2f ms (min %.2f)", shape_set, name, mode,
                         1e3 * results[name][mode]["median_s"], 1e3 * min(per_step))
         steps_by_name.clear()
         step = optimizer = None  # noqa: F841  (free this mode's slots before the next)
         gc.collect()
-    return {name: modes for name, modes in results.items() if modes}
+    return {name: modes for name, modes in results.items() if modes}, bandwidths
 
 
 # -- candidates in their own processes ------------------------------------------------------
@@ -251,8 +266,9 @@ def run_worker(python: str, worker: str, shape_set: str, steps: int, runs: int,
 
 # -- report ---------------------------------------------------------------------------------
 def ratios(entry: Dict) -> Dict[str, Dict[str, float]]:
-    """The targets: RAdam / Keras Adam (<= 1), tfa / RAdam (>= 3), RAdam / bound (<= 1.5);
-    and what the floor allows: tfa / floor, RAdam / floor."""
+    """The targets: RAdam / Keras Adam (<= 1; also paired: the median over turns of the two
+    runs taken one after the other), tfa / RAdam (>= 3), RAdam / bound (<= 1.5); and what
+    the floor allows: tfa / floor, RAdam / floor."""
     ours = entry["results"].get("RectifiedAdam", {})
     adam = entry["results"].get("Keras 3 Adam", {})
     tfa = entry["results"].get("tfa 0.23 RectifiedAdam (TF 2.15)", {})
@@ -263,6 +279,9 @@ def ratios(entry: Dict) -> Dict[str, Dict[str, float]]:
         row = {"vs_bound": t / entry["bound_s"]}
         if mode in adam:
             row["vs_keras_adam"] = t / adam[mode]["median_s"]
+            if "per_run_s" in timing and "per_run_s" in adam[mode]:  # run i of both: one turn
+                row["vs_keras_adam_paired"] = statistics.median(
+                    a / b for a, b in zip(timing["per_run_s"], adam[mode]["per_run_s"]))
         if mode in tfa:
             row["tfa_speedup"] = tfa[mode]["median_s"] / t
         if mode in floor:
@@ -283,7 +302,7 @@ def markdown(report: Dict) -> str:
         lines.append(
             f"\n**{shape_set}**: {entry['variables']} variables, {entry['parameters'] / 1e6:.1f}M "
             f"parameters; bound = {entry['bytes_per_step'] / 1e6:.0f} MB / "
-            f"{report['triad_gb_s']:.1f} GB/s = **{1e3 * entry['bound_s']:.1f} ms**\n")
+            f"{entry['triad_gb_s']:.1f} GB/s = **{1e3 * entry['bound_s']:.1f} ms**\n")
         lines.append("| optimizer: median (min) ms per step | eager | tf.function | jit_compile |")
         lines.append("|---|---:|---:|---:|")
         for name, modes in entry["results"].items():
@@ -294,12 +313,13 @@ def markdown(report: Dict) -> str:
                              if timing else "–")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines.append("| RectifiedAdam | vs Keras 3 Adam (target <= 1.0) | tfa / ours (target >= 3) "
-                     "| vs bound (target <= 1.5) | vs floor | tfa / floor (most possible) |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
+        lines.append("| RectifiedAdam | vs Keras 3 Adam (target <= 1.0) | paired | tfa / ours "
+                     "(target >= 3) | vs bound (target <= 1.5) | vs floor "
+                     "| tfa / floor (most possible) |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
         for mode, row in entry["ratios"].items():
             cells = [_ratio(row, key, digits) for key, digits in (
-                ("vs_keras_adam", 2), ("tfa_speedup", 1), ("vs_bound", 2), ("vs_floor", 2),
+                ("vs_keras_adam", 2), ("vs_keras_adam_paired", 2), ("tfa_speedup", 1), ("vs_bound", 2), ("vs_floor", 2),
                 ("tfa_over_floor", 1))]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -391,25 +411,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     triads = triad_bandwidth(args.triad_mib, threads=os.cpu_count() or 1)
-    bandwidth = triads["best"]
-    logger.info("triad bandwidth: %s", {k: f"{v / 1e9:.1f} GB/s" for k, v in triads.items()})
+    logger.info("triad bandwidth at the start: %s",
+                {k: f"{v / 1e9:.1f} GB/s" for k, v in triads.items()})
     tfa_python = None if args.no_tfa else (args.tfa_python or str(ensure_venv(TFA_VENV, TFA_PINS)))
     torch_python = None if args.no_torch else (
         args.torch_python or str(ensure_venv(TORCH_VENV, TORCH_PINS)))
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
 
-    report = {"machine": machine(), "triad_gb_s": bandwidth / 1e9,
-              "triads_gb_s": {k: v / 1e9 for k, v in triads.items()}, "runs": args.runs,
-              "steps": args.steps, "command": " ".join([sys.executable] + sys.argv), "sets": {}}
+    report = {"machine": machine(), "triads_at_start_gb_s": {k: v / 1e9 for k, v in triads.items()},
+              "runs": args.runs, "steps": args.steps,
+              "command": " ".join([sys.executable] + sys.argv), "sets": {}}
     import tensorflow as tf
 
     report["machine"]["tensorflow"] = tf.__version__
+    triad = XlaTriad(args.triad_mib)
     for shape_set in sets:
         shapes = SHAPE_SETS[shape_set]()
         params = parameter_count(shapes)
-        entry = {"variables": len(shapes), "parameters": params, "bytes_per_step": 28 * params,
-                 "bound_s": 28 * params / bandwidth}
-        entry["results"] = time_in_process(shape_set, args.steps, args.runs, only)
+        entry = {"variables": len(shapes), "parameters": params, "bytes_per_step": 28 * params}
+        entry["results"], bandwidths = time_in_process(shape_set, args.steps, args.runs, only, triad)
+        # The bound: the median of the triad's turns, taken among the candidates' runs.
+        bandwidth = statistics.median(bandwidths)
+        entry["triad_gb_s"] = bandwidth / 1e9
+        entry["triad_turns_gb_s"] = [b / 1e9 for b in bandwidths]
+        entry["bound_s"] = 28 * params / bandwidth
+        logger.info("%s: triad %.1f GB/s (median of %d turns), bound %.1f ms", shape_set,
+                    bandwidth / 1e9, len(bandwidths), 1e3 * entry["bound_s"])
         gc.collect()
         if tfa_python:
             tfa = run_worker(tfa_python, "_tfa_worker.py", shape_set, args.steps, args.runs, [])

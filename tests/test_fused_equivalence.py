@@ -171,15 +171,18 @@ def test_xla_does_not_contract_the_lookahead_pull_back():
 
 
 @pytest.mark.parametrize("mode", ["function", "jit_compile"])
-def test_compiled_steps_match_the_eager_plain_step(mode, monkeypatch):
+@pytest.mark.parametrize("case", ["weight_decay", "lookahead"])
+def test_compiled_steps_match_the_eager_plain_step(case, mode, monkeypatch):
     """The per-variable eager path (tfa's op-by-op arithmetic) is what the fast path
     reproduces: exactly in a tf.function; under a user's jit_compile XLA also computes the
-    per-step scalars (and reassociates their constants), so there it agrees to round-off."""
+    per-step scalars (and reassociates their constants) and contracts multiply-adds, so
+    there it agrees to round-off."""
+    spec = dict(CASES[case])
+    make = spec.pop("make")
     monkeypatch.setenv(fused.ENV_SWITCH, "0")
-    make = CASES["weight_decay"]["make"]
-    reference = _run(make, "eager")
+    reference = _run(make, "eager", **spec)
     monkeypatch.setenv(fused.ENV_SWITCH, "1")
-    for a, b in zip(reference, _run(make, mode)):
+    for a, b in zip(reference, _run(make, mode, **spec)):
         if mode == "function":
             np.testing.assert_array_equal(a, b)
         else:

@@ -184,7 +184,6 @@ def _when(pred, update_fn) -> None:
     50M-parameter variable: +50 ms per step, against a 10 ms step); a while loop that runs
     once or not at all updates them in place.
     """
-
     if not radam_math.in_xla_context():
 
         def run():
