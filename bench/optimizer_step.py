@@ -110,7 +110,7 @@ class XlaTriad:
         scalar = tf.constant(3.0)
 
         @tf.function(jit_compile=True)
-        def step():  # returns nothing: a returned value would be one more 4-byte copy
+        def step():  # returns nothing: returning a would copy it once more
             self.a.assign_add(scalar * c)
 
         self._step = step
@@ -130,9 +130,9 @@ class XlaTriad:
         return best
 
 
-def triad_bandwidth(mib: int = 256, threads: int = 2) -> Dict[str, float]:
+def triad_bandwidth(triad: XlaTriad, mib: int, threads: int) -> Dict[str, float]:
     """The STREAM-like triad both ways, at the start of the run."""
-    return {"numpy_triad": numpy_triad(mib, threads), "xla_triad": XlaTriad(mib).bandwidth(5)}
+    return {"numpy_triad": numpy_triad(mib, threads), "xla_triad": triad.bandwidth(5)}
 
 
 # -- candidates in this process ---------------------------------------------------------------
@@ -318,9 +318,9 @@ def markdown(report: Dict) -> str:
                      "| tfa / floor (most possible) |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|")
         for mode, row in entry["ratios"].items():
-            cells = [_ratio(row, key, digits) for key, digits in (
-                ("vs_keras_adam", 2), ("vs_keras_adam_paired", 2), ("tfa_speedup", 1), ("vs_bound", 2), ("vs_floor", 2),
-                ("tfa_over_floor", 1))]
+            columns = (("vs_keras_adam", 2), ("vs_keras_adam_paired", 2), ("tfa_speedup", 1),
+                       ("vs_bound", 2), ("vs_floor", 2), ("tfa_over_floor", 1))
+            cells = [_ratio(row, key, digits) for key, digits in columns]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -410,7 +410,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    triads = triad_bandwidth(args.triad_mib, threads=os.cpu_count() or 1)
+    triad = XlaTriad(args.triad_mib)
+    triads = triad_bandwidth(triad, args.triad_mib, threads=os.cpu_count() or 1)
     logger.info("triad bandwidth at the start: %s",
                 {k: f"{v / 1e9:.1f} GB/s" for k, v in triads.items()})
     tfa_python = None if args.no_tfa else (args.tfa_python or str(ensure_venv(TFA_VENV, TFA_PINS)))
@@ -424,12 +425,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     import tensorflow as tf
 
     report["machine"]["tensorflow"] = tf.__version__
-    triad = XlaTriad(args.triad_mib)
     for shape_set in sets:
         shapes = SHAPE_SETS[shape_set]()
         params = parameter_count(shapes)
         entry = {"variables": len(shapes), "parameters": params, "bytes_per_step": 28 * params}
-        entry["results"], bandwidths = time_in_process(shape_set, args.steps, args.runs, only, triad)
+        entry["results"], bandwidths = time_in_process(
+            shape_set, args.steps, args.runs, only, triad)
         # The bound: the median of the triad's turns, taken among the candidates' runs.
         bandwidth = statistics.median(bandwidths)
         entry["triad_gb_s"] = bandwidth / 1e9
