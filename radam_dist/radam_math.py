@@ -74,6 +74,21 @@ class StepScalars(NamedTuple):
     one: Optional[tf.Tensor] = None
 
 
+def check_hyperparameters(beta_1: float, beta_2: float, total_steps, warmup_proportion) -> None:
+    """ValueError naming the first value outside the range where the RAdam math is defined.
+
+    Both RectifiedAdam optimizers (Keras 3 and tf_keras) check their constructor arguments
+    here, so a bad value is refused with the same message by either.
+    """
+    for name, beta in (("beta_1", beta_1), ("beta_2", beta_2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name} must be in [0.0, 1.0), got {beta}")
+    if int(total_steps) != total_steps or total_steps < 0:
+        raise ValueError(f"total_steps must be a non-negative integer, got {total_steps!r}")
+    if not 0.0 <= warmup_proportion <= 1.0:
+        raise ValueError(f"warmup_proportion must be in [0, 1], got {warmup_proportion}")
+
+
 def compute_dtype(var_dtype: tf.DType) -> tf.DType:
     """float64 for float64 variables, float32 for everything else (16-bit included)."""
     return tf.float64 if var_dtype == tf.float64 else tf.float32

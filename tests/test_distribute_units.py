@@ -57,3 +57,16 @@ def test_legacy_rectified_adam_config_round_trip():
     opt = LegacyRectifiedAdam(0.01, weight_decay=0.1, amsgrad=True, total_steps=100)
     config = opt.get_config()
     assert LegacyRectifiedAdam.from_config(config).get_config() == config
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"beta_1": 1.0}, "beta_1"), ({"beta_2": -0.1}, "beta_2"),
+    ({"total_steps": 2.5}, "total_steps"), ({"warmup_proportion": 1.5}, "warmup_proportion"),
+])
+def test_legacy_rectified_adam_refuses_what_rectified_adam_refuses(kwargs, message):
+    from radam_dist import RectifiedAdam
+    from radam_dist.distribute.legacy_keras import LegacyRectifiedAdam
+
+    for optimizer in (RectifiedAdam, LegacyRectifiedAdam):
+        with pytest.raises(ValueError, match=message):
+            optimizer(0.01, **kwargs)

@@ -41,6 +41,7 @@ class LegacyRectifiedAdam(tf_keras.optimizers.Optimizer):
         name: str = "LegacyRectifiedAdam",
         **kwargs,
     ):
+        radam_math.check_hyperparameters(beta_1, beta_2, total_steps, warmup_proportion)
         super().__init__(name=name, jit_compile=jit_compile, **kwargs)
         self._learning_rate = self._build_learning_rate(learning_rate)
         self.hyperparams = radam_math.RAdamHyperparams(

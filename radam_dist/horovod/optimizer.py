@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from radam_dist import radam_math
 from radam_dist.horovod._hvd import hvd, require_initialized
-from radam_dist.optimizers.wrapper import ForwardsToInnerOptimizer
+from radam_dist.optimizers.wrapper import ForwardsToInnerOptimizer, resolve_inner_optimizer
 from radam_dist.horovod.compression import check_compression, grouped_reduce
 
 logger = logging.getLogger(__name__)
@@ -77,13 +77,7 @@ class DistributedOptimizer(ForwardsToInnerOptimizer, keras.optimizers.Optimizer)
         **kwargs,
     ):
         """See the class docstring; unknown keyword arguments raise TypeError."""
-        if isinstance(optimizer, (str, dict)):
-            optimizer = keras.optimizers.get(optimizer)
-        if not isinstance(optimizer, keras.optimizers.Optimizer):
-            raise TypeError(
-                "DistributedOptimizer wraps a Keras 3 optimizer (keras.optimizers.Optimizer); "
-                f"got {type(optimizer).__name__}"
-            )
+        optimizer = resolve_inner_optimizer(optimizer, "DistributedOptimizer")
         if isinstance(optimizer, DistributedOptimizer):
             raise ValueError(
                 "this optimizer is already a DistributedOptimizer: wrapping it twice would "

@@ -25,7 +25,7 @@ from radam_dist import fused, radam_math
 from radam_dist.distribute import pss as sharding
 from radam_dist.distribute import zero
 from radam_dist.optimizers.classic_api import ClassicOptimizerAPI
-from radam_dist.optimizers.wrapper import ForwardsToInnerOptimizer
+from radam_dist.optimizers.wrapper import ForwardsToInnerOptimizer, resolve_inner_optimizer
 
 
 class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.Optimizer):
@@ -47,13 +47,7 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
     ):
         for key in ("is_legacy_optimizer", "jit_compile"):
             kwargs.pop(key, None)
-        if isinstance(optimizer, (str, dict)):
-            optimizer = keras.optimizers.get(optimizer)
-        if not isinstance(optimizer, keras.optimizers.Optimizer):
-            raise TypeError(
-                "Lookahead wraps a Keras 3 optimizer (keras.optimizers.Optimizer); got "
-                f"{type(optimizer).__name__}. tf.keras / tfa optimizers do not run on Keras 3."
-            )
+        optimizer = resolve_inner_optimizer(optimizer, "Lookahead")
         if int(sync_period) != sync_period or sync_period < 1:
             raise ValueError(f"sync_period must be a positive integer, got {sync_period!r}")
         if not 0.0 <= slow_step_size <= 1.0:

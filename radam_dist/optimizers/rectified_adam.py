@@ -125,14 +125,9 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         if kwargs.get("weight_decay") is not None:  # only reachable via **config
             weight_decay = kwargs.pop("weight_decay")
         super().__init__(learning_rate=maybe_float(learning_rate), name=name, **kwargs)
-        _check_range("beta_1", beta_1, 0.0, 1.0)
-        _check_range("beta_2", beta_2, 0.0, 1.0)
+        radam_math.check_hyperparameters(beta_1, beta_2, total_steps, warmup_proportion)
         if decay < 0:
             raise ValueError(f"decay must be >= 0, got {decay}")
-        if int(total_steps) != total_steps or total_steps < 0:
-            raise ValueError(f"total_steps must be a non-negative integer, got {total_steps!r}")
-        if not 0.0 <= warmup_proportion <= 1.0:
-            raise ValueError(f"warmup_proportion must be in [0, 1], got {warmup_proportion}")
         self.beta_1 = float(beta_1)
         self.beta_2 = float(beta_2)
         self.epsilon = float(epsilon or keras.config.epsilon())
@@ -362,11 +357,6 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
             if key in config:
                 config[key] = _deserialize_hyper(config[key], custom_objects)
         return cls(**config)
-
-
-def _check_range(name, value, low, high):
-    if not low <= value < high:
-        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
 
 
 # Serialize as radam_dist>RectifiedAdam; also load tfa configs ("Addons>RectifiedAdam").

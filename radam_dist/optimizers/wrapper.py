@@ -7,9 +7,27 @@ callbacks such as ReduceLROnPlateau and checkpoints see one of each.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import keras
+
+
+def resolve_inner_optimizer(
+    optimizer: Union[keras.optimizers.Optimizer, str, dict], wrapper: str
+) -> keras.optimizers.Optimizer:
+    """The optimizer ``wrapper`` will run: an instance, or one made from a name or config.
+
+    Raises TypeError for anything that is not a Keras 3 optimizer (tf.keras and tfa ones
+    included, which cannot run on Keras 3).
+    """
+    if isinstance(optimizer, (str, dict)):
+        optimizer = keras.optimizers.get(optimizer)
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(
+            f"{wrapper} wraps a Keras 3 optimizer (keras.optimizers.Optimizer); got "
+            f"{type(optimizer).__name__}. tf.keras / tfa optimizers do not run on Keras 3."
+        )
+    return optimizer
 
 
 class ForwardsToInnerOptimizer:

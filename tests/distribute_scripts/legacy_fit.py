@@ -20,23 +20,29 @@ from radam_dist.distribute.legacy_keras import LegacyRectifiedAdam  # noqa: E402
 GLOBAL_BATCH, VOCAB, STEPS = 16, 24, 10
 
 
-def build(strategy):
-    with strategy.scope():
-        ids = tf_keras.Input((3,), dtype="int32")
-        feats = tf_keras.Input((4,))
-        emb = tf_keras.layers.Flatten()(tf_keras.layers.Embedding(VOCAB, 4)(ids))
-        out = tf_keras.layers.Dense(1)(tf_keras.layers.Concatenate()([emb, feats]))
-        model = tf_keras.Model([ids, feats], out)
-        rs = np.random.RandomState(1)
-        model.set_weights([(0.1 * rs.randn(VOCAB, 4)).astype("float32"),
-                           (0.3 * rs.randn(16, 1)).astype("float32"), np.zeros((1,), "float32")])
-        model.compile(optimizer=LegacyRectifiedAdam(0.02, weight_decay=0.01), loss="mse")
+def build(k, optimizer):
+    """The model in Keras ``k`` (tf_keras or Keras 3), with fixed weights, compiled."""
+    ids = k.Input((3,), dtype="int32")
+    feats = k.Input((4,))
+    emb = k.layers.Flatten()(k.layers.Embedding(VOCAB, 4)(ids))
+    out = k.layers.Dense(1)(k.layers.Concatenate()([emb, feats]))
+    model = k.Model([ids, feats], out)
+    rs = np.random.RandomState(1)
+    model.set_weights([(0.1 * rs.randn(VOCAB, 4)).astype("float32"),
+                       (0.3 * rs.randn(16, 1)).astype("float32"), np.zeros((1,), "float32")])
+    model.compile(optimizer=optimizer, loss="mse")
     return model
 
 
-def fit(model, data):
+def build_legacy(strategy):
+    with strategy.scope():
+        return build(tf_keras, LegacyRectifiedAdam(0.02, weight_decay=0.01))
+
+
+def fit(k, model, data):
+    """The weights after every batch of one epoch."""
     trajectory = []
-    record = tf_keras.callbacks.LambdaCallback(
+    record = k.callbacks.LambdaCallback(
         on_train_batch_end=lambda b, logs: trajectory.append(
             [w.ravel().tolist() for w in model.get_weights()]))
     ids, feats, y = data
@@ -51,22 +57,7 @@ def keras3_fit(data):
 
     import radam_dist
 
-    ids = keras.Input((3,), dtype="int32")
-    feats = keras.Input((4,))
-    emb = keras.layers.Flatten()(keras.layers.Embedding(VOCAB, 4)(ids))
-    out = keras.layers.Dense(1)(keras.layers.Concatenate()([emb, feats]))
-    model = keras.Model([ids, feats], out)
-    rs = np.random.RandomState(1)
-    model.set_weights([(0.1 * rs.randn(VOCAB, 4)).astype("float32"),
-                       (0.3 * rs.randn(16, 1)).astype("float32"), np.zeros((1,), "float32")])
-    model.compile(optimizer=radam_dist.RectifiedAdam(0.02, weight_decay=0.01), loss="mse")
-    trajectory = []
-    record = keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda b, logs: trajectory.append(
-            [w.ravel().tolist() for w in model.get_weights()]))
-    model.fit([data[0], data[1]], data[2], batch_size=GLOBAL_BATCH, epochs=1, shuffle=False,
-              verbose=0, callbacks=[record])
-    return trajectory
+    return fit(keras, build(keras, radam_dist.RectifiedAdam(0.02, weight_decay=0.01)), data)
 
 
 def main():
@@ -79,15 +70,15 @@ def main():
     n = GLOBAL_BATCH * STEPS
     data = (rs.randint(0, VOCAB, (n, 3)).astype("int32"), rs.randn(n, 4).astype("float32"),
             rs.randn(n, 1).astype("float32"))
-    reference_model = build(tf.distribute.get_strategy())
+    reference_model = build_legacy(tf.distribute.get_strategy())
     with tf.GradientTape() as tape:
         pred = reference_model([data[0][:GLOBAL_BATCH], data[1][:GLOBAL_BATCH]])
         loss = tf.reduce_mean(tf.square(pred - data[2][:GLOBAL_BATCH]))
     sparse = isinstance(tape.gradient(loss, reference_model.trainable_variables)[0],
                         tf.IndexedSlices)
-    reference = fit(reference_model, data)
+    reference = fit(tf_keras, reference_model, data)
     keras3 = keras3_fit(data)
-    distributed = fit(build(strategy), data)
+    distributed = fit(tf_keras, build_legacy(strategy), data)
     if os.environ.get("RADAM_DIST_TASK", "worker:0") == "worker:0":
         with open(args.out, "w") as f:
             json.dump({"num_replicas": strategy.num_replicas_in_sync, "cases": {"fit-legacy": {
