@@ -98,8 +98,8 @@ class XlaTriad:
     """``a += s * c`` on TF variables, compiled by XLA (the code generator the optimizers'
     fast path uses): 12 bytes per element (read a, read c, write a), written in place as an
     optimizer writes its variables. (``a = b + s * c`` into a variable XLA does not read gets
-    a fresh output buffer every call, and its page faults cost a third of the bandwidth: 45
-    against 69 GB/s on the development VM.)"""
+    a fresh output buffer every call, and its page faults cost a third of the bandwidth: 34
+    against 50 GB/s on the development VM, bench/xla_writes.py.)"""
 
     def __init__(self, mib: int):
         import tensorflow as tf

@@ -174,8 +174,8 @@ def _when(pred, update_fn) -> None:
     """Run ``update_fn`` (which only assigns variables) on the steps where ``pred`` holds.
 
     Outside XLA this is ``tf.cond``. Under XLA a conditional threads every variable it may
-    assign through both branches and copies them on every step, taken or not (measured on a
-    50M-parameter variable: +50 ms per step, against a 10 ms step); a while loop that runs
+    assign through both branches and copies them on every step, taken or not (a 50M-parameter
+    variable: 53 ms per step against 12 ms, bench/xla_writes.py); a while loop that runs
     once or not at all updates them in place.
     """
     if not radam_math.in_xla_context():
