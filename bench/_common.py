@@ -69,6 +69,14 @@ def make_arrays(shapes: Sequence[Shape], seed: int = SEED):
     return values, grads
 
 
+def rotated(names: List[str], turn: int) -> List[str]:
+    """The turn's order: each candidate starts a turn in its turn, so none always runs in
+    the same place (in a fixed order, identical code ran 7% slower in second place than in
+    third: bench/fused_order.py, small set, jit_compile, on the 2-core development VM)."""
+    shift = turn % len(names) if names else 0
+    return names[shift:] + names[:shift]
+
+
 def time_runs(step: Callable[[], None], sync: Callable[[], None], steps: int, runs: int,
               warmup: int = 2) -> List[float]:
     """Seconds per step of ``runs`` runs of ``steps`` steps each, after ``warmup`` steps."""

@@ -46,6 +46,7 @@ from _common import (  # noqa: E402
     make_arrays,
     parameter_count,
     parse_emitted,
+    rotated,
     summary,
     time_runs,
 )
@@ -186,9 +187,9 @@ def time_in_process(shape_set: str, steps: int, runs: int, only: Optional[List[s
     """Seconds per step of every in-process candidate, mode by mode, and the triad's
     bandwidth (bytes per second) measured in every turn.
 
-    Within a mode the candidates take turns (run 1 of each, then run 2 of each, ...), and
-    the triad takes its turn with them, so the load of a shared machine falls on all of them
-    alike, the bound included.
+    Within a mode the candidates take turns (run 1 of each, then run 2 of each, ..., each
+    turn starting with the next candidate), and the triad takes its turn with them, so the
+    load of a shared machine falls on all of them alike, the bound included.
     """
     import tensorflow as tf
 
@@ -225,10 +226,10 @@ def time_in_process(shape_set: str, steps: int, runs: int, only: Optional[List[s
             time_runs(step, sync, steps=0, runs=0, warmup=2)  # trace, compile, touch memory
             steps_by_name[name] = step
         times: Dict[str, List[float]] = {name: [] for name in steps_by_name}
-        for _ in range(runs):
-            for name, step in steps_by_name.items():
+        for turn in range(runs):
+            for name in rotated(list(steps_by_name), turn):
                 os.environ["RADAM_DIST_FUSED"] = switch[name]
-                times[name] += time_runs(step, sync, steps, runs=1, warmup=0)
+                times[name] += time_runs(steps_by_name[name], sync, steps, runs=1, warmup=0)
             bandwidths.append(triad.bandwidth(repeats=3))
         os.environ.pop("RADAM_DIST_FUSED", None)
         for name, per_step in times.items():
