@@ -158,7 +158,7 @@ def step_scalars(
     beta_1_power = tf.pow(beta_1, step)
     beta_2_power = tf.pow(beta_2, step)
     m_correction = 1.0 / (1.0 - beta_1_power)  # finite and >= 1 for every step >= 1
-    one = None if in_xla_context() else m_correction / m_correction
+    one = runtime_one(m_correction)
     _, r_t, rectified = rectification(step, beta_2, hyperparameter(hp.sma_threshold, dtype))
     if hp.total_steps > 0:
         lr = warmup_learning_rate(lr, step, hp.total_steps, hp.warmup_proportion, hp.min_lr)
@@ -177,6 +177,14 @@ def step_scalars(
         has_weight_decay=has_weight_decay,
         one=one,
     )
+
+
+def runtime_one(nonzero: tf.Tensor) -> Optional[tf.Tensor]:
+    """Exactly 1.0, computed from a nonzero runtime value so that XLA cannot prove it: the
+    ``one`` of ``_rounded``. None inside a caller's XLA computation, where exactness is out
+    of reach (see the module docstring) and the multiplications by it would only cost time.
+    """
+    return None if in_xla_context() else nonzero / nonzero
 
 
 def in_xla_context() -> bool:

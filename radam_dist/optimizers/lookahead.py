@@ -125,7 +125,7 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
         variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
         if zero.lookahead_is_sharded(self):
             return zero.lookahead_sync(self, variables, sync)
-        one = None if radam_math.in_xla_context() else _runtime_one(after)  # see step_scalars
+        one = radam_math.runtime_one(tf.cast(tf.maximum(after, 1), tf.float32))
         if fused.applicable(self._distribution_strategy):
             # No strategy: one branch for all variables, not one per variable.
             return _when(sync, lambda: self._pull_back_all(variables, one))
@@ -162,12 +162,6 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
             "sync_period": self.sync_period,
             "slow_step_size": self.slow_step_size,
         }
-
-
-def _runtime_one(step) -> tf.Tensor:
-    """Exactly 1.0, computed from the step so that XLA cannot see it (``radam_math._rounded``)."""
-    step = tf.cast(tf.maximum(step, 1), tf.float32)
-    return step / step
 
 
 def _when(pred, update_fn) -> None:
