@@ -314,3 +314,147 @@ def test_lookahead_sparse_table_is_only_rewritten_inside_the_sync_branch():
     assert "ResourceScatterAdd" in writers
     assert "AssignVariableOp" not in writers, writers
     assert any(op.type in ("If", "StatelessIf") for op in graph.get_operations())
+
+
+# -- what tfa 0.23's own test files check (written here; tfa's tests are not shipped) -----------
+
+
+def _dense_model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.set_weights([np.arange(6.0, dtype=np.float32).reshape(3, 2) / 10,
+                       np.array([0.1, -0.2], np.float32)])
+    return model
+
+
+def _one_step_with_rate(make, rate, compiled):
+    """The model's weights after 3 steps at `rate`: once set through `opt.lr` after the
+    step function was traced (or used eagerly), once given to the constructor."""
+    x = tf.constant(np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3))
+
+    def run(opt, set_lr_after_first):
+        model = _dense_model()
+
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x)))
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+
+        step = tf.function(step) if compiled else step
+        step()
+        if set_lr_after_first:
+            opt.lr = rate
+        step()
+        step()
+        return model.get_weights(), opt
+
+    changed, opt = run(make(0.001), True)
+    assert float(opt.lr) == pytest.approx(rate)
+    assert float(opt.learning_rate) == pytest.approx(rate)
+    want_opt = make(0.001)
+    model = _dense_model()
+    # reference: step 1 at 0.001, steps 2-3 at `rate`, through `learning_rate`
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x)))
+    want_opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                 model.trainable_variables))
+    want_opt.learning_rate = rate
+    for _ in range(2):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x)))
+        want_opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                     model.trainable_variables))
+    unchanged, _ = run(make(0.001), False)
+    return changed, model.get_weights(), unchanged
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("kind", ["radam", "lookahead"])
+def test_lr_alias_changes_the_rate_used_by_the_next_step(kind, compiled):
+    """tfa's test_model_dynamic_lr: `opt.lr = 1e-4` is the rate the next steps use, in eager
+    and in a tf.function traced before the change, also through Lookahead."""
+    def make(rate):
+        radam = radam_dist.RectifiedAdam(learning_rate=rate)
+        return radam if kind == "radam" else radam_dist.Lookahead(radam, sync_period=2)
+
+    changed, expected, unchanged = _one_step_with_rate(make, 1e-4, compiled)
+    for a, b in zip(changed, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(changed, unchanged))
+    assert moved > 1e-5, "the rate really changed the steps"
+
+
+def test_lr_is_learning_rate_on_every_optimizer():
+    inner = radam_dist.RectifiedAdam(lr=0.02)
+    lookahead = radam_dist.Lookahead(inner)
+    assert float(inner.lr) == pytest.approx(0.02) and float(lookahead.lr) == pytest.approx(0.02)
+    lookahead.lr = 0.5
+    assert float(inner.learning_rate) == pytest.approx(0.5)
+    inner.lr = 0.25
+    assert float(lookahead.lr) == pytest.approx(0.25)
+    # tf.keras's lr was the variable: read_value() and assign() work on it, as tfa's tests do
+    np.testing.assert_allclose(lookahead.lr.read_value(), 0.25)
+    lookahead.lr.assign(0.125)
+    assert float(inner.learning_rate) == pytest.approx(0.125)
+    keras_adam = radam_dist.Lookahead("adam", sync_period=10, slow_step_size=0.4)
+    keras_adam.lr = 1e-4  # any Keras 3 inner optimizer
+    np.testing.assert_allclose(keras_adam.lr.read_value(), 1e-4)
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    assert float(radam_dist.RectifiedAdam(schedule).lr) == pytest.approx(0.1)
+    hvd_module = pytest.importorskip("radam_dist.horovod")
+    distributed = hvd_module.DistributedOptimizer(radam_dist.RectifiedAdam(0.03))
+    assert float(distributed.lr) == pytest.approx(0.03)
+    distributed.lr = 0.125
+    assert float(distributed.inner_optimizer.learning_rate) == pytest.approx(0.125)
+    assert float(distributed.learning_rate) == pytest.approx(0.125)
+
+
+@pytest.mark.parametrize("rate", [1e-4, 1e-3, 0.1, 3e-5, 1.0])
+def test_get_config_returns_the_learning_rate_as_given(rate):
+    """tfa's test_get_config: the value given, not its float32 (1e-4, not 9.9999997e-05)."""
+    assert radam_dist.RectifiedAdam(lr=rate).get_config()["learning_rate"] == rate
+    assert radam_dist.RectifiedAdam(learning_rate=rate).get_config()["learning_rate"] == rate
+    config = radam_dist.Lookahead(radam_dist.RectifiedAdam(rate), sync_period=4,
+                                  slow_step_size=0.25).get_config()
+    assert config["optimizer"]["config"]["learning_rate"] == rate
+    assert (config["sync_period"], config["slow_step_size"]) == (4, 0.25)
+    opt = radam_dist.RectifiedAdam(rate)
+    opt.lr = 0.5  # changed: the rate it has now
+    assert opt.get_config()["learning_rate"] == 0.5
+    opt.lr = 1e-4
+    assert opt.get_config()["learning_rate"] == pytest.approx(1e-4, rel=1e-7)
+
+
+@pytest.mark.parametrize("loss_kind", ["callable", "tensor-and-tape"])
+@pytest.mark.parametrize("kind", ["radam", "lookahead"])
+def test_minimize_takes_keras_variables(kind, loss_kind):
+    """minimize(loss, model.trainable_variables) with a callable loss, and a tensor loss with
+    its tape, on a Keras model and on standalone keras.Variables, as apply_gradients does."""
+    def make():
+        radam = radam_dist.RectifiedAdam(0.05)
+        return radam if kind == "radam" else radam_dist.Lookahead(radam, sync_period=2)
+
+    x = tf.constant(np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3))
+    model, ref_model = _dense_model(), _dense_model()
+    loose, ref_loose = keras.Variable([1.0, -2.0]), keras.Variable([1.0, -2.0])
+    opt, ref = make(), make()
+
+    def loss_of(m, v):
+        return tf.reduce_mean(tf.square(m(x))) + tf.reduce_sum(v * v)
+
+    for _ in range(3):
+        variables = model.trainable_variables + [loose]
+        if loss_kind == "callable":
+            opt.minimize(lambda: loss_of(model, loose), variables)
+        else:
+            with tf.GradientTape() as tape:
+                loss = loss_of(model, loose)
+            opt.minimize(loss, variables, tape=tape)
+        ref_vars = ref_model.trainable_variables + [ref_loose]
+        with tf.GradientTape() as tape:
+            loss = loss_of(ref_model, ref_loose)
+        ref.apply_gradients(zip(tape.gradient(loss, ref_vars), ref_vars))
+    assert int(opt.iterations.numpy()) == 3
+    for a, b in zip(model.get_weights() + [loose.numpy()],
+                    ref_model.get_weights() + [ref_loose.numpy()]):
+        np.testing.assert_array_equal(a, b)

@@ -133,3 +133,45 @@ def test_tf_train_checkpoint_restores_state(tmp_path, key):
     other.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(other.get_weights(), expected):
         np.testing.assert_array_equal(a, b)
+
+
+def test_keras_state_that_does_not_fit_is_refused_not_skipped():
+    """Keras 3 only warns and loads nothing when a .keras file's optimizer state has another
+    number of arrays; here that is a ValueError, and the optimizer is left unchanged."""
+    variables = [keras.Variable(np.ones((3, 2), np.float32)),
+                 keras.Variable(np.ones(2, np.float32))]
+    source = radam_dist.RectifiedAdam(amsgrad=True)
+    source.apply_gradients(zip([tf.ones((3, 2)), tf.ones(2)], variables))
+    store = {}
+    source.save_own_variables(store)
+    assert len(store) == 2 + 3 * 2  # iterations, learning rate, m, v, vhat per variable
+    target = radam_dist.RectifiedAdam()
+    target.build(variables)
+    before = target.get_weights()
+    with pytest.raises(ValueError, match="holds 8 arrays, this optimizer has 6"):
+        target.load_own_variables(store)
+    bad = dict(store)
+    del bad["7"]
+    with pytest.raises(ValueError, match="has shape"):
+        target.load_own_variables({str(i): bad[str(i)] for i in range(6)} | {"5": np.zeros(5)})
+    for a, b in zip(target.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("key", ["radam-float", "ranger"])
+def test_compiled_untrained_model_saves_and_loads(tmp_path, key):
+    """Saved before the optimizer's first step, the file holds only the step count and the
+    rate (Keras saves an unbuilt optimizer so): it loads, and trains as a fresh model."""
+    keras.utils.set_random_seed(3)
+    x, y = _data(2)
+    model = _model()
+    model.compile(optimizer=_optimizers()[key], loss="mse")
+    model(x[:1])
+    path = str(tmp_path / "untrained.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert int(loaded.optimizer.iterations.numpy()) == 0
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    loaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -139,3 +139,25 @@ def describe_placement(variables, optimizer) -> Dict[str, Dict[str, List[str]]]:
                 continue
         placement[getattr(var, "path", None) or var.name] = entry
     return placement
+
+
+# -- the state layout (radam_dist/distribute/state_layout.py) --------------------------------------
+from radam_dist.distribute.state_layout import StateLayout  # noqa: E402  (no import cycle)
+
+
+class ParameterServerSharded(StateLayout):
+    """ParameterServerStrategy: one slot per variable shard, colocated with that shard; the
+    whole slot of a sharded variable is the ShardedVariable of its shard slots."""
+
+    kind = "parameter-server-sharded"
+
+    def expand(self, variables: Sequence) -> list:
+        return expand_sharded(variables)
+
+    def split(self, grads: Sequence, variables: Sequence) -> Tuple[list, list]:
+        return split_sharded(grads, variables)
+
+    def get_slot(self, optimizer, var, name: str):
+        if is_sharded(var):
+            return sharded_slot(optimizer, var, name)
+        return super().get_slot(optimizer, var, name)

@@ -13,9 +13,12 @@ A step:
 3. the updated chunks are all-gathered and every replica assigns the whole variable.
 
 So per replica the optimizer state is 2/N of the parameters (m, v) instead of 2x (3/N and 3x
-with amsgrad). Checkpoints hold the whole, unpadded m / v
-(gathered across replicas when saving, sliced for the local replicas when restoring), so a
-checkpoint written with N replicas restores with any other number.
+with amsgrad). This is the ``ReplicaSharded`` state layout (state_layout.py): from outside
+the state is whole. Each sharded slot is seen through a ``WholeSlot`` (gathered to read,
+scattered to assign) that stands where the replicated layout has its slot variable, in
+``weights`` / ``get_weights`` / ``set_weights``, ``.keras`` files and checkpoints (under the
+same keys, unpadded), so state written with N replicas loads with any other number, with
+ZeRO off, or without a strategy.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import keras
 import tensorflow as tf
 
 from radam_dist import radam_math
+from radam_dist.distribute.state_layout import StateLayout
 
-
+_VARIABLE_VALUE = "VARIABLE_VALUE"  # the checkpoint key of a tf.Variable's value
 
 class _Rows:
     """A transient stand-in for a variable: radam_math reads it, assigns it and scatter-adds
@@ -95,8 +99,9 @@ class _VarShards:
         return tf.reshape(gathered[: self.rows], self.shape)
 
 
-class ShardedState(tf.__internal__.tracking.AutoTrackable):
-    """All chunked slots of one optimizer; checkpoints them whole (N-independent)."""
+class ShardedState:
+    """All chunked slots of one optimizer (plain Python: what is saved is the ``WholeSlot``s,
+    which look like replicated slot variables to ``.keras`` files and checkpoints)."""
 
     def __init__(self, optimizer, variables: Sequence, slot_names: Sequence[str]):
         self._strategy = optimizer._distribution_strategy
@@ -107,6 +112,10 @@ class ShardedState(tf.__internal__.tracking.AutoTrackable):
             for variable in variables:
                 self._shards.append(_VarShards(variable, n, self._slot_names))
         self._index = {optimizer._var_key(v): i for i, v in enumerate(variables)}
+        names = [getattr(v, "path", None) or _unwrap(v).name.split(":")[0] for v in variables]
+        # tfa's order: every variable's first slot, then every variable's second slot, ...
+        self.whole_slots = [WholeSlot(self, i, slot, f"{names[i]}/{slot}")
+                            for slot in self._slot_names for i in range(len(self._shards))]
 
     def for_variable(self, optimizer, variable) -> _VarShards:
         return self._shards[self._index[optimizer._var_key(variable)]]
@@ -119,35 +128,99 @@ class ShardedState(tf.__internal__.tracking.AutoTrackable):
                 total += int(tf.size(_local_copies(slot)[0])) * slot.dtype.size
         return total
 
-    # -- checkpoints: the whole slot, whatever the number of replicas ----------------------------
-    def _whole(self, shards: _VarShards, name: str):
+    def full_slot(self, variable_index: int, name: str) -> tf.Tensor:
+        """The whole ``name`` slot of the variable at ``variable_index`` (gathered; under MWMS
+        a collective, so every worker must ask)."""
+        shards = self._shards[variable_index]
         slot = shards.slots[name]
         if self._strategy.extended._in_multi_worker_mode():
-            chunks = self._strategy.gather(slot, axis=0)  # collective: every worker saves
+            chunks = self._strategy.gather(slot, axis=0)  # collective: every worker gathers
         else:  # all replicas are local: concatenate their copies, no collective needed
             chunks = tf.concat([tf.convert_to_tensor(c) for c in _local_copies(slot)], axis=0)
         return shards.unpadded(chunks)
 
-    def full_slot(self, variable_index: int, name: str) -> tf.Tensor:
-        """The whole ``name`` slot of the variable at ``variable_index`` (gathered)."""
-        return self._whole(self._shards[variable_index], name)
+    def assign_whole(self, variable_index: int, name: str, value) -> None:
+        """Set the whole ``name`` slot: each local replica keeps its rows of ``value``."""
+        shards = self._shards[variable_index]
+        value = tf.cast(tf.convert_to_tensor(value), shards.dtype)
+        if value.shape != shards.shape:
+            raise ValueError(f"slot {name!r} has shape {shards.shape}, got a value of shape "
+                             f"{value.shape}")
+        chunks = shards.padded(value)
+        copies = _local_copies(shards.slots[name])
+        for replica_id, copy in zip(_local_replica_ids(self._strategy), copies):
+            copy.assign(chunks[replica_id])
+
+
+class WholeSlot(tf.__internal__.tracking.Trackable):
+    """One sharded slot seen whole, like a replicated slot variable: reading it gathers the
+    replicas' rows (a copy), ``assign`` scatters them. In a checkpoint it is saved under the
+    key a replicated slot variable has (``VARIABLE_VALUE``), unpadded, so checkpoints move
+    between replica counts and between ZeRO on and off."""
+
+    def __init__(self, state: ShardedState, variable_index: int, slot_name: str, path: str):
+        self._state = state
+        self._variable_index = variable_index
+        self.slot_name = slot_name
+        self.path = path
+        self.name = path
+        shards = state._shards[variable_index]
+        self.shape = shards.shape
+        self.dtype = shards.dtype
+
+    @property
+    def value(self) -> tf.Tensor:
+        return self._state.full_slot(self._variable_index, self.slot_name)
+
+    def numpy(self):
+        return self.value.numpy()
+
+    def __array__(self, dtype=None, copy=None):
+        value = self.numpy()
+        return value if dtype is None else value.astype(dtype)
+
+    def assign(self, value) -> None:
+        self._state.assign_whole(self._variable_index, self.slot_name, value)
+
+    def __repr__(self):
+        return f"<WholeSlot {self.path!r} shape={self.shape} dtype={self.dtype.name} (gathered)>"
 
     def _serialize_to_tensors(self):
-        return {
-            f"{i}_{name}": self._whole(shards, name)
-            for i, shards in enumerate(self._shards)
-            for name in self._slot_names
-        }
+        return {_VARIABLE_VALUE: self.value}
 
     def _restore_from_tensors(self, restored_tensors):
-        for key, value in restored_tensors.items():
-            index, name = key.split("_", 1)
-            shards = self._shards[int(index)]
-            chunks = shards.padded(value)
-            copies = _local_copies(shards.slots[name])
-            for replica_id, copy in zip(_local_replica_ids(self._strategy), copies):
-                copy.assign(chunks[replica_id])
+        self.assign(restored_tensors[_VARIABLE_VALUE])
         return None
+
+
+tf.register_tensor_conversion_function(
+    WholeSlot, lambda slot, dtype=None, name=None, as_ref=False: slot.value
+)
+
+
+class _LogicalVariableList(tf.__internal__.tracking.Trackable):
+    """Stands in the checkpoint for Keras' ``_variables`` list: the same indices, with a
+    ``WholeSlot`` where the replicated layout has a slot variable."""
+
+    def __init__(self, entries: Sequence):
+        self._entries = {str(i): entry for i, entry in enumerate(entries)}
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        return dict(self._entries)
+
+    def _lookup_dependency(self, name, cached_dependencies=None):
+        return self._entries.get(name)
+
+
+def _restore_deferred(optimizer, logical: Sequence) -> None:
+    """A checkpoint restored before the optimizer was built left its slot values waiting on
+    Keras' variable list under their indices; hand them to the whole slots now."""
+    tracked = optimizer._lookup_dependency("_variables")
+    if tracked is None or not hasattr(tracked, "_handle_deferred_dependencies"):
+        return
+    for index, entry in enumerate(logical):
+        if isinstance(entry, WholeSlot):
+            tracked._handle_deferred_dependencies(name=str(index), trackable=entry)
 
 
 def _this_replica(variable):
@@ -171,21 +244,83 @@ def _local_replica_ids(strategy) -> List[int]:
     return [task * local + j for j in range(local)]
 
 
-def build(optimizer, variables: Sequence, slot_names: Sequence[str]) -> None:
-    """Create the chunked slots (called from the optimizer's ``build``, eagerly)."""
-    if optimizer.use_ema:
-        raise ValueError("shard_optimizer_state=True does not support use_ema")
-    strategy = optimizer._distribution_strategy
-    if isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy):
-        raise ValueError(
-            "shard_optimizer_state=True is for MirroredStrategy / MultiWorkerMirroredStrategy; "
-            "under ParameterServerStrategy give the strategy a variable_partitioner instead "
-            "(the slots are then sharded with their variables over the parameter servers)"
-        )
-    optimizer.sharded_state = ShardedState(optimizer, variables, slot_names)
+def supports(strategy) -> bool:
+    """ZeRO-1 runs under MirroredStrategy and MultiWorkerMirroredStrategy."""
+    return isinstance(strategy, (tf.distribute.MirroredStrategy,
+                                 tf.distribute.MultiWorkerMirroredStrategy))
 
 
-def apply_gradients(optimizer, grads: Sequence, variables: Sequence) -> None:
+class ReplicaSharded(StateLayout):
+    """ZeRO-1: each replica keeps its rows of every slot (radam_dist/distribute/state_layout.py
+    for the interface). Seen from outside the state is whole: ``weights`` / ``get_weights``
+    / ``get_slot`` gather (a copy), ``set_weights``, ``.keras`` load and checkpoint restore
+    scatter, in the replicated layout's order and checkpoint keys."""
+
+    kind = "replica-sharded"
+    shards_state = True
+
+    def __init__(self):
+        self.state = None
+        self._insert_at = None
+        self._checkpoint_list = None
+
+    def build_slots(self, optimizer, variables, slot_names, start_at_variables=False):
+        if getattr(optimizer, "use_ema", False):
+            raise ValueError("shard_optimizer_state=True does not support use_ema")
+        state = ShardedState(optimizer, variables, slot_names)
+        if start_at_variables:  # each replica's chunk starts at its rows of the variable
+            for index, variable in enumerate(variables):
+                for name in slot_names:
+                    state.assign_whole(index, name, tf.convert_to_tensor(_unwrap(variable)))
+        # Where the replicated layout appends its slot variables to Keras' variable list.
+        self._insert_at = len(optimizer._variables)
+        self.state = state
+        _restore_deferred(optimizer, self.logical_variables(optimizer, optimizer._variables))
+
+    def apply_gradients(self, optimizer, grads, variables, default):
+        return apply_gradients(optimizer, self.state, grads, variables)
+
+    def lookahead_sync(self, lookahead, variables, sync, default):
+        return lookahead_sync(lookahead, self.state, variables, sync)
+
+    def slot_variable(self, optimizer, name, var):
+        raise RuntimeError("replica-sharded slots are updated by zero.apply_gradients")
+
+    def slot_names(self, optimizer):
+        return [] if self.state is None else list(self.state._slot_names)
+
+    def get_slot(self, optimizer, var, name):
+        """The whole slot, gathered: a tf.Tensor copy (assign through set_weights)."""
+        if self.state is None or name not in self.state._slot_names:
+            return super().get_slot(optimizer, var, name)  # a slot made by add_slot
+        index = optimizer._index_of(var)
+        return self.state.full_slot(index, name)
+
+    def slot_entries(self, optimizer):
+        return [] if self.state is None else list(self.state.whole_slots)
+
+    def logical_variables(self, optimizer, own_variables):
+        own = list(own_variables)
+        if self.state is None:
+            return own
+        return own[: self._insert_at] + self.slot_entries(optimizer) + own[self._insert_at:]
+
+    def checkpoint_children(self, optimizer, children):
+        if self.state is None:
+            return children
+        children = dict(children)
+        if self._checkpoint_list is None or len(self._checkpoint_list._entries) != len(
+            optimizer._variables) + len(self.state.whole_slots):
+            self._checkpoint_list = _LogicalVariableList(
+                self.logical_variables(optimizer, optimizer._variables))
+        children["_variables"] = self._checkpoint_list
+        return children
+
+    def local_state_bytes(self, optimizer):
+        return 0 if self.state is None else self.state.local_bytes()
+
+
+def apply_gradients(optimizer, state: ShardedState, grads: Sequence, variables: Sequence) -> None:
     """One RAdam step with replica-sharded slots (see the module docstring)."""
     ctx = tf.distribute.get_replica_context()
     if ctx is None:
@@ -196,7 +331,6 @@ def apply_gradients(optimizer, grads: Sequence, variables: Sequence) -> None:
         grads_and_vars = optimizer._all_reduce_sum_gradients(grads_and_vars)
     grads = optimizer._clip_aggregated([g for g, _ in grads_and_vars])
     replica = ctx.replica_id_in_sync_group
-    state = optimizer.sharded_state
     scalars = {}
     new_values = []
     for grad, var in zip(grads, variables):
@@ -236,42 +370,19 @@ def state_bytes_per_replica(optimizer) -> int:
     """Bytes of optimizer state one replica holds: m, v (vhat), and Lookahead's slow weights."""
     total = 0
     for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
-        if opt is None:
-            continue
-        state = getattr(opt, "sharded_state", None)
-        if state is not None:
-            total += state.local_bytes()
-            continue
-        for slot in opt._slot_variables():
-            total += int(tf.size(_local_copies(_unwrap(slot))[0])) * _unwrap(slot).dtype.size
+        layout = getattr(opt, "_state_layout", None)
+        if layout is not None:
+            total += layout.local_state_bytes(opt)
     return total
 
 
 # -- Lookahead's slow weights, sharded like RAdam's slots ------------------------------------------
-def lookahead_is_sharded(lookahead) -> bool:
-    """Lookahead shards its slow weights when its inner optimizer shards its state."""
-    return bool(getattr(lookahead.inner_optimizer, "shard_optimizer_state", False))
-
-
-def build_lookahead(lookahead, variables: Sequence) -> None:
-    """Chunked slow weights, each replica's chunk starting at its rows of the variable."""
-    state = ShardedState(lookahead, variables, ("slow",))
-    replica_ids = _local_replica_ids(lookahead._distribution_strategy)
-    for variable in variables:
-        shards = state.for_variable(lookahead, variable)
-        chunks = shards.padded(tf.convert_to_tensor(_unwrap(variable)))
-        for replica_id, copy in zip(replica_ids, _local_copies(shards.slots["slow"])):
-            copy.assign(chunks[replica_id])
-    lookahead.sharded_state = state
-
-
-def lookahead_sync(lookahead, variables: Sequence, sync) -> None:
+def lookahead_sync(lookahead, state: ShardedState, variables: Sequence, sync) -> None:
     """On sync steps, each replica pulls its rows back toward its slow chunk (radam_math's
     ``lookahead_pull_back``), then the rows are all-gathered into the variables. Steps that
     do not sync exchange nothing (the decision is taken in cross-replica context)."""
     ctx = tf.distribute.get_replica_context()
     replica = ctx.replica_id_in_sync_group
-    state = lookahead.sharded_state
     variables = [_unwrap(v) for v in variables]
     new_chunks = []
     for var in variables:

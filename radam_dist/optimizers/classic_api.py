@@ -49,37 +49,37 @@ class ClassicOptimizerAPI:
         per_var = list(self._slots.get(slot_name, [None] * len(self._trainable_variables)))
         if per_var[index] is not None:
             return per_var[index]
-        value = None
         if not isinstance(initializer, (str, keras.initializers.Initializer)):
-            value, initializer = initializer, "zeros"
+            # An initial value. Made the variable's initializer, not assigned afterwards: a
+            # checkpoint restored before the slots existed restores into them on creation.
+            with tf.init_scope():  # never an op of a traced step
+                value = tf.convert_to_tensor(initializer)
+            initializer = _ValueInitializer(value)
         slot = self.add_variable_from_reference(var, name=slot_name, initializer=initializer)
-        if value is not None:
-            with tf.init_scope():  # an initial value, never an op of a traced step
-                slot.assign(tf.cast(tf.convert_to_tensor(value), slot.dtype))
         per_var[index] = slot
         # A fresh list each time: checkpoint tracking refuses lists mutated in place.
         self._slots[slot_name] = per_var
         return slot
 
     def get_slot(self, var, slot_name: str):
-        """The slot variable ``slot_name`` of ``var`` (KeyError naming what exists if absent)."""
-        if slot_name not in self._slots:
+        """The slot ``slot_name`` of ``var`` (KeyError naming what exists if absent).
+
+        Replicated state: the slot variable itself. ZeRO (``shard_optimizer_state=True``
+        under a strategy): the whole slot gathered from the replicas, a ``tf.Tensor`` copy
+        (change the state through ``set_weights``). A sharded variable under
+        ParameterServerStrategy: the ShardedVariable of its shard slots.
+        """
+        if slot_name not in self.get_slot_names():
             raise KeyError(
                 f"{self.__class__.__name__} has no slot named {slot_name!r}; "
                 f"its slots are {self.get_slot_names()}"
             )
-        from radam_dist.distribute import pss  # PSS: the shard slots, as one ShardedVariable
-
-        if pss.is_sharded(var):
-            return pss.sharded_slot(self, var, slot_name)
-        slot = self._slots[slot_name][self._index_of(var)]
-        if slot is None:
-            raise KeyError(f"no {slot_name!r} slot was created for this variable")
-        return slot
+        return self._state_layout.get_slot(self, var, slot_name)
 
     def get_slot_names(self) -> List[str]:
         """Slot names in creation order, e.g. ``['m', 'v']`` (plus ``'vhat'`` with amsgrad)."""
-        return list(self._slots)
+        names = self._state_layout.slot_names(self)
+        return names + [name for name in self._slots if name not in names]
 
     def __dir__(self):
         # tf.train.Checkpoint treats any object whose dir() lists `get_slot_names` as a TF1 /
@@ -89,7 +89,66 @@ class ClassicOptimizerAPI:
         return [name for name in super().__dir__() if name != "get_slot_names"]
 
     def _slot_variables(self) -> list:
-        return [slot for per_var in self._slots.values() for slot in per_var if slot is not None]
+        """Every slot in creation order (whole views of sharded ones; see state_layout)."""
+        layout = self._state_layout
+        entries = layout.slot_entries(self)
+        if layout.shards_state:  # slots added by add_slot stay replicated
+            entries += [slot for per_var in self._slots.values() for slot in per_var
+                        if slot is not None]
+        return entries
+
+    # -- the state layout (radam_dist/distribute/state_layout.py) ---------------------------
+    def _logical_variables(self) -> list:
+        """Keras' ``variables`` with every slot whole: what ``.keras`` files hold, the same
+        list in every state layout and for every number of replicas."""
+        return self._state_layout.logical_variables(self, list(self._variables))
+
+    def save_own_variables(self, store) -> None:
+        """``.keras`` save: the whole state (sharded slots gathered)."""
+        for i, variable in enumerate(self._logical_variables()):
+            store[str(i)] = np.asarray(tf.convert_to_tensor(variable))
+
+    def load_own_variables(self, store) -> None:
+        """``.keras`` load: the whole state, scattered where the layout shards it.
+
+        A file whose state does not fit (another optimizer configuration) is refused with
+        ValueError rather than skipped; an unbuilt optimizer keeps Keras' warning.
+        """
+        targets = self._logical_variables()
+        if not self.built or not targets:
+            return super().load_own_variables(store)
+        if len(store.keys()) != len(targets) and _never_stepped(store):
+            # Saved before its first step (a compiled, untrained model): its state is the
+            # initial one. Keras' own behaviour: warn, load nothing; slots that start at the
+            # variables start at the loaded ones.
+            super().load_own_variables(store)
+            return self._restart_slots()
+        if len(store.keys()) != len(targets):
+            raise ValueError(
+                f"cannot load the optimizer state of {self.name!r}: the file holds "
+                f"{len(store.keys())} arrays, this optimizer has {len(targets)} (its "
+                f"configuration differs, e.g. amsgrad, accumulation_steps or the model)"
+            )
+        values = [np.asarray(store[str(i)]) for i in range(len(targets))]
+        for target, value in zip(targets, values):
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"cannot load the optimizer state of {self.name!r}: "
+                    f"{getattr(target, 'path', target.name)!r} has shape {tuple(target.shape)}, "
+                    f"the file holds {value.shape}"
+                )
+        for target, value in zip(targets, values):
+            target.assign(value)
+
+    def _restart_slots(self) -> None:
+        """Give slots that start at the variables' values (Lookahead's) those values now."""
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        """tf.train.Checkpoint's view of the optimizer: the layout presents sharded slots
+        under the keys replicated slot variables have (see state_layout)."""
+        children = super()._trackable_children(save_type, **kwargs)
+        layout = self.__dict__.get("_state_layout")
+        return children if layout is None else layout.checkpoint_children(self, children)
 
     def _build_eagerly(self, variables: Sequence) -> None:
         """Create the slots outside any traced step, once.
@@ -153,6 +212,18 @@ class ClassicOptimizerAPI:
         for target, weight in zip(targets, values):
             target.assign(weight.astype(np.dtype(getattr(target.dtype, "name", target.dtype))))
 
+    # -- tf.keras's `lr` -------------------------------------------------------------------
+    @property
+    def lr(self):
+        """tf.keras's name of ``learning_rate`` (read and write)."""
+        # tf.keras returned the tf.Variable itself: `opt.lr.read_value()`, `opt.lr.assign(x)`.
+        rate = self.learning_rate
+        return rate.value if isinstance(rate, keras.Variable) else rate
+
+    @lr.setter
+    def lr(self, value):
+        self.learning_rate = value
+
     # -- tf.keras call signatures -----------------------------------------------------------
     def apply_gradients(
         self,
@@ -193,13 +264,37 @@ class ClassicOptimizerAPI:
         if callable(loss):
             with tape:
                 if not callable(var_list):
-                    tape.watch(var_list)
+                    tape.watch(_tf_variables(var_list))
                 loss = loss()
                 if callable(var_list):
                     var_list = var_list()
         var_list = list(tf.nest.flatten(var_list))
-        grads = tape.gradient(loss, var_list, grad_loss)
+        # The tape takes tf.Variables: a keras.Variable's is its `.value`.
+        grads = tape.gradient(loss, _tf_variables(var_list), grad_loss)
         return self.apply_gradients(zip(grads, var_list), name=name)
+
+
+def _never_stepped(store) -> bool:
+    """True when a saved optimizer state's first array, the step count, is 0."""
+    try:
+        first = np.asarray(store["0"])
+    except KeyError:
+        return True
+    return first.shape == () and np.issubdtype(first.dtype, np.integer) and int(first) == 0
+
+
+class _ValueInitializer(keras.initializers.Initializer):
+    """Starts a slot at a given value (Lookahead's slow weights start at the variables)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, shape, dtype=None):
+        return tf.cast(self.value, dtype or self.value.dtype)
+
+
+def _tf_variables(variables) -> list:
+    return [v.value if isinstance(v, keras.Variable) else v for v in tf.nest.flatten(variables)]
 
 
 def maybe_float(value):

@@ -22,8 +22,7 @@ import keras
 import tensorflow as tf
 
 from radam_dist import fused, radam_math
-from radam_dist.distribute import pss as sharding
-from radam_dist.distribute import zero
+from radam_dist.distribute import state_layout
 from radam_dist.optimizers.classic_api import ClassicOptimizerAPI
 from radam_dist.optimizers.wrapper import ForwardsToInnerOptimizer, resolve_inner_optimizer
 
@@ -60,6 +59,10 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
         self.slow_step_size = float(slow_step_size)
         self._aggregate_gradients = True
         self._init_slots()
+        # The slow weights live where the inner optimizer keeps its state (sharded with it).
+        inner_layout = getattr(optimizer, "_state_layout", None)
+        self._state_layout = state_layout.for_optimizer(
+            self, bool(inner_layout is not None and inner_layout.shards_state))
 
     # -- shared state (step counter and learning rate: ForwardsToInnerOptimizer) ------------------
     @property
@@ -78,7 +81,36 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
         ]
         return [self.iterations] + self._slot_variables() + inner_slots
 
+    def _logical_variables(self) -> list:
+        """``variables`` with every slot whole (what ``.keras`` files hold)."""
+        unused = (self._iterations, self._learning_rate)
+        own = [v for v in super()._logical_variables() if not any(v is u for u in unused)]
+        inner = self.inner_optimizer
+        if isinstance(inner, ClassicOptimizerAPI):
+            return own + inner._logical_variables()
+        return own + list(inner.variables)
+
+    def _restart_slots(self) -> None:
+        """Before the first step the slow weights are the variables (a model loaded from a
+        file saved untrained: the optimizer was built before the weights were loaded)."""
+        if isinstance(self.inner_optimizer, ClassicOptimizerAPI):
+            self.inner_optimizer._restart_slots()
+        own = [name for name in self._state_layout.slot_names(self) if name == "slow"]
+        if not own:
+            return
+        for var in self._trainable_variables:
+            slow = self._state_layout.get_slot(self, var, "slow")
+            if isinstance(slow, tf.Tensor):  # a gathered copy: set the whole through weights
+                index = self._index_of(var)
+                self._state_layout.slot_entries(self)[index].assign(var)
+            else:
+                slow.assign(var)
+
     def get_slot(self, var, slot_name: str):
+        """``"slow"``, or the inner optimizer's slot (whole; see ClassicOptimizerAPI.get_slot)."""
+        if slot_name not in self.get_slot_names():
+            raise KeyError(f"{self.__class__.__name__} has no slot named {slot_name!r}; its "
+                           f"slots are {self.get_slot_names()}")
         if slot_name != "slow" and isinstance(self.inner_optimizer, ClassicOptimizerAPI):
             return self.inner_optimizer.get_slot(var, slot_name)
         return super().get_slot(var, slot_name)
@@ -86,27 +118,23 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
     def get_slot_names(self) -> List[str]:
         inner = self.inner_optimizer
         names = inner.get_slot_names() if isinstance(inner, ClassicOptimizerAPI) else []
-        return names + ["slow"]
+        return names + [n for n in super().get_slot_names() if n not in names]
 
     def build(self, var_list):
         if self.built:
             return
-        var_list = sharding.expand_sharded(var_list)  # PSS: one slot per shard, on its server
+        var_list = self._state_layout.expand(var_list)  # PSS: one slot per shard, on its server
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
         super().build(var_list)
-        if zero.lookahead_is_sharded(self):  # ZeRO-1: each replica keeps 1/N of the slow weights
-            zero.build_lookahead(self, var_list)
-            return
-        for var in var_list:
-            self.add_slot(var, "slow", initializer=var)
+        self._state_layout.build_slots(self, var_list, ("slow",), start_at_variables=True)
 
     # -- one step -------------------------------------------------------------------------------
     def apply(self, grads, trainable_variables=None):
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         else:
-            grads, trainable_variables = sharding.split_sharded(grads, trainable_variables)
+            grads, trainable_variables = self._state_layout.split(grads, trainable_variables)
             self._build_eagerly(trainable_variables)
             self._check_variables_are_known(trainable_variables)
         before = tf.identity(self.iterations)
@@ -123,8 +151,10 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
         after = tf.convert_to_tensor(self.iterations)
         sync = tf.logical_and(after > before, after % self.sync_period == 0)
         variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
-        if zero.lookahead_is_sharded(self):
-            return zero.lookahead_sync(self, variables, sync)
+        return self._state_layout.lookahead_sync(
+            self, variables, sync, lambda: self._replicated_sync(variables, sync, after))
+
+    def _replicated_sync(self, variables, sync, after) -> None:
         one = radam_math.runtime_one(tf.cast(tf.maximum(after, 1), tf.float32))
         if fused.applicable(self._distribution_strategy):
             # No strategy: one branch for all variables, not one per variable.
@@ -134,8 +164,7 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
         )
 
     def _slow(self, var):
-        slow = self._slots["slow"][self._get_variable_index(var)]
-        return slow.value if isinstance(slow, keras.Variable) else slow
+        return self._state_layout.slot_variable(self, "slow", var)
 
     def _pull_back_all(self, variables, one) -> None:
         pairs = [(var, self._slow(var)) for var in variables]

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional, Union
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from radam_dist import fused, radam_math
-from radam_dist.distribute import aggregation
-from radam_dist.distribute import pss as sharding
-from radam_dist.distribute import zero
+from radam_dist.distribute import aggregation, state_layout
 from radam_dist.optimizers.classic_api import ClassicOptimizerAPI, maybe_float
 
 Hyper = Union[float, keras.optimizers.schedules.LearningRateSchedule, Callable[[], Any]]
@@ -85,7 +84,9 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         skip_nonfinite: drop a step whose gradients hold inf/NaN on any replica and count
             it in ``skipped_steps``.
         shard_optimizer_state: ZeRO stage 1 under MirroredStrategy / MWMS: each of N
-            replicas keeps 1/N of m, v, vhat (``get_slot`` is then unavailable).
+            replicas keeps 1/N of m, v, vhat. ``get_slot`` / ``get_weights`` / ``.keras``
+            files / checkpoints still see the whole state (gathered copies); without a
+            strategy the state is simply whole.
         **kwargs: ``lr`` (alias of learning_rate), ``decay`` (legacy inverse-time decay
             ``lr / (1 + decay * iterations)``), ``clipnorm``, ``clipvalue``,
             ``global_clipnorm`` and Keras 3's optimizer arguments (``use_ema``,
@@ -142,6 +143,11 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         self.accumulation_steps = aggregation.validate_accumulation_steps(accumulation_steps)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.shard_optimizer_state = bool(shard_optimizer_state)  # ZeRO-1: distribute/zero.py
+        # Where m, v, vhat live (replicated, replica-sharded, on parameter servers).
+        self._state_layout = state_layout.for_optimizer(self, self.shard_optimizer_state)
+        # get_config reports the rate as given (1e-4, not its float32 9.9999997e-05).
+        given = maybe_float(learning_rate)
+        self._given_learning_rate = given if isinstance(given, float) else None
         # Decoupled decay is part of our update; Keras 3's own `weight_decay` stays unused.
         self.radam_weight_decay = maybe_float(weight_decay)
         self._has_weight_decay = callable(weight_decay) or weight_decay != 0.0
@@ -179,20 +185,15 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
-        var_list = sharding.expand_sharded(var_list)  # PSS: one slot per shard, on its server
+        var_list = self._state_layout.expand(var_list)  # PSS: one slot per shard, on its server
         super().build(var_list)
         slot_names = self._SLOT_NAMES + (("vhat",) if self.amsgrad else ())
-        if self.shard_optimizer_state:
-            zero.build(self, var_list, slot_names)  # each replica: 1/N of every slot
-            slot_names = ()
-        for name in slot_names:
-            for var in var_list:
-                self.add_slot(var, name)
+        self._state_layout.build_slots(self, var_list, slot_names)
         aggregation.build_gate_state(self, var_list)  # accumulators, skip counter
 
     def apply(self, grads, trainable_variables=None):
         if trainable_variables is not None:
-            grads, trainable_variables = sharding.split_sharded(grads, trainable_variables)
+            grads, trainable_variables = self._state_layout.split(grads, trainable_variables)
             self._build_eagerly(trainable_variables)
         if aggregation.gate_is_active(self):  # accumulation / non-finite skipping
             variables = trainable_variables
@@ -274,11 +275,7 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
             radam_math.apply_dense(var, grad, m, v, vhat, s)
 
     def _slot_value(self, name, var):
-        per_var = self._slots.get(name)
-        if per_var is None:
-            return None
-        slot = per_var[self._get_variable_index(var)]
-        return slot.value if isinstance(slot, keras.Variable) else slot
+        return self._state_layout.slot_variable(self, name, var)
 
     def update_step(self, gradient, variable, learning_rate):
         """Keras 3's per-variable hook (used by wrappers that drive variables one by one)."""
@@ -287,9 +284,8 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         self._update_variable(var, gradient, {dtype.name: self.step_scalars(learning_rate, dtype)})
 
     def _backend_apply_gradients(self, grads, trainable_variables):
-        if self.shard_optimizer_state:
-            return zero.apply_gradients(self, grads, trainable_variables)
-        return super()._backend_apply_gradients(grads, trainable_variables)
+        return self._state_layout.apply_gradients(
+            self, grads, trainable_variables, super()._backend_apply_gradients)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         """Keras' float32 cross-replica sum, or the compressed one (``all_reduce_dtype``)."""
@@ -330,6 +326,11 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
             config = super().get_config()
         finally:
             self._learning_rate = learning_rate
+        given = self.__dict__.get("_given_learning_rate")
+        saved = config.get("learning_rate")
+        unchanged = isinstance(saved, float) and np.float32(saved) == np.float32(given)
+        if given is not None and unchanged:
+            config["learning_rate"] = given  # unchanged since given: the value as given
         config.update(
             {
                 "weight_decay": _serialize_hyper(self.radam_weight_decay),

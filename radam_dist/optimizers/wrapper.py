@@ -47,6 +47,17 @@ class ForwardsToInnerOptimizer:
         if "inner_optimizer" in self.__dict__:
             self.inner_optimizer.learning_rate = value
 
+    @property
+    def lr(self):
+        """tf.keras's name of ``learning_rate`` (read and write), the inner optimizer's."""
+        # tf.keras returned the tf.Variable itself: `opt.lr.read_value()`, `opt.lr.assign(x)`.
+        rate = self.learning_rate
+        return rate.value if isinstance(rate, keras.Variable) else rate
+
+    @lr.setter
+    def lr(self, value):
+        self.learning_rate = value
+
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
 

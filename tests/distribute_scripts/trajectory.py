@@ -34,6 +34,9 @@ def parse_args():
                         "before step 4, skip_nonfinite=True), zero (shard_optimizer_state=True)")
     parser.add_argument("--partition", action="store_true",
                         help="PSS: shard variables over the parameter servers")
+    parser.add_argument("--fresh-strategy", action="store_true",
+                        help="Mirrored / MWMS: a new strategy object for every case, so one "
+                        "process runs several (TensorFlow reuses collective keys across them)")
     parser.add_argument("--out", required=True)
     return parser.parse_args()
 
@@ -240,11 +243,15 @@ def slot_placement(model, optimizer):
 def main():
     data = make_data()
     task = os.environ.get("RADAM_DIST_TASK", "local")
-    if args.strategy == "mirrored":
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    elif args.strategy == "mwms":
-        enable_multi_worker_fit()
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    def new_strategy():
+        if args.strategy == "mirrored":
+            return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        return tf.distribute.MultiWorkerMirroredStrategy()
+
+    if args.strategy in ("mirrored", "mwms"):
+        if args.strategy == "mwms":
+            enable_multi_worker_fit()
+        strategy = new_strategy()
     else:
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         partitioner = None
@@ -255,7 +262,7 @@ def main():
         strategy = tf.distribute.experimental.ParameterServerStrategy(
             resolver, variable_partitioner=partitioner
         )
-    results = {"num_replicas": strategy.num_replicas_in_sync, "cases": {}}
+    results = {"num_replicas": strategy.num_replicas_in_sync, "cases": {}, "strategies": 1}
     for kind in args.optimizers.split(","):
         reference, sparse = single_device(kind, data)
         for mode in args.modes.split(","):
@@ -264,6 +271,9 @@ def main():
             if args.strategy == "pss":
                 trajectory, extra = parameter_server_loop(strategy, kind, data)
             elif mode == "loop":
+                if args.fresh_strategy and results["cases"]:
+                    strategy = new_strategy()
+                    results["strategies"] += 1
                 trajectory, extra = replicated_loop(strategy, kind, data, variant)
             else:
                 trajectory = replicated_fit(strategy, kind, data)

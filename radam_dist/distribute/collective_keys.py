@@ -1,0 +1,62 @@
+"""Distinct collective keys for every MirroredStrategy / MultiWorkerMirroredStrategy object.
+
+TensorFlow numbers the collective groups and instances of every strategy object from the same
+starting key (``_collective_key_base`` is a class attribute, 0). The collective executor
+remembers an instance key across strategy objects, so a second strategy in one process (a
+notebook, a sweep, one pytest run) that issues a different collective under a key the first
+one used fails: ``InternalError: Collective instance 106 expected type 0 and data_type 1 but
+got type 2 and data_type 3`` (or "Shape mismatch in the collective instance 100",
+tensorflow/tensorflow#62790). TensorFlow's own tests step ``_collective_key_base`` by 100000
+per strategy (tensorflow/python/distribute/strategy_combinations.py).
+
+``install()`` does the same for user code: every strategy object created after it gets its own
+base (an instance attribute shadowing the class's 0), so its group keys, and with them its
+instance keys, are its own. Bases are handed out in creation order; under MWMS every worker
+process runs the same script, creates its strategies in the same order and so agrees on the
+keys. Installed when radam_dist's optimizers are imported; strategies created before that keep
+TensorFlow's base 0, which no later strategy reuses.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+
+# Far above the group keys one strategy uses (one per device set), as in TF's own tests.
+KEY_BASE_STRIDE = 100_000
+
+_lock = threading.Lock()
+_counter = itertools.count(1)
+_installed = False
+
+
+def _strategy_classes() -> list:
+    import tensorflow as tf  # here: this module is imported while TensorFlow may be importing
+
+    return [tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy]
+
+
+def next_key_base() -> int:
+    """A collective key base no other strategy of this process has."""
+    with _lock:
+        return next(_counter) * KEY_BASE_STRIDE
+
+
+def install() -> None:
+    """Give each MirroredStrategy / MWMS created from now on its own collective key base."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        _installed = True
+    for cls in _strategy_classes():
+        original = cls.__init__
+
+        @functools.wraps(original)
+        def __init__(self, *args, __original=original, **kwargs):
+            # Read by the strategy's extended object while __init__ builds its CollectiveKeys.
+            self._collective_key_base = next_key_base()
+            __original(self, *args, **kwargs)
+
+        cls.__init__ = __init__

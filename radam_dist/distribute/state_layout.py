@@ -1,0 +1,137 @@
+"""Where an optimizer's state lives: the one seam between the optimizers and tf.distribute.
+
+RectifiedAdam and Lookahead never ask which distribution mode they run under; they ask their
+``StateLayout``, chosen once from the optimizer's strategy when it is made:
+
+* ``Replicated`` (this file): every replica (or the one device) holds every slot, as Keras
+  variables the optimizer tracks;
+* ``ParameterServerSharded`` (``pss.py``): under ParameterServerStrategy a sharded variable's
+  slots are sharded like it, each shard's slot on its parameter server;
+* ``ReplicaSharded`` (``zero.py``): ZeRO-1 under MirroredStrategy / MWMS, replica r holds
+  rows r/N of every slot.
+
+Every path that touches the state goes through the layout: ``build``, the update, ``get_slot``
+/ ``get_slot_names``, ``weights`` / ``get_weights`` / ``set_weights``, ``.keras`` save / load
+and ``tf.train.Checkpoint``. Whatever the layout, the state *seen from outside* is the same
+list, in tfa's order (the logical state): a ``.keras`` file or a checkpoint written under one
+layout or replica count loads under any other. A new layout is one subclass.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Sequence, Tuple
+
+import keras
+import tensorflow as tf
+
+from radam_dist.distribute import collective_keys
+
+# Every strategy object made after radam_dist is imported gets its own collective keys, so
+# several MirroredStrategy / MWMS objects can live in one process (see collective_keys.py).
+collective_keys.install()
+
+
+class StateLayout:
+    """The replicated layout; the base class of the others (override what differs)."""
+
+    kind = "replicated"
+    shards_state = False  # True where one replica holds only part of each slot
+
+    # -- variables ------------------------------------------------------------------------
+    def expand(self, variables: Sequence) -> list:
+        """The variables slots are made for (``ParameterServerSharded``: the shards)."""
+        return list(variables)
+
+    def split(self, grads: Sequence, variables: Sequence) -> Tuple[list, list]:
+        """``(grads, variables)`` as the update takes them (see ``expand``)."""
+        return list(grads), list(variables)
+
+    # -- build ----------------------------------------------------------------------------
+    def build_slots(self, optimizer, variables: Sequence, slot_names: Sequence[str],
+                    start_at_variables: bool = False) -> None:
+        """Create ``slot_names`` for every variable, zeros or (``start_at_variables``) a copy
+        of the variable, in tfa's order (all variables' first slot, then the second ...)."""
+        for name in slot_names:
+            for var in variables:
+                optimizer.add_slot(var, name, initializer=var if start_at_variables else "zeros")
+
+    # -- the update -----------------------------------------------------------------------
+    def apply_gradients(self, optimizer, grads: Sequence, variables: Sequence,
+                        default: Callable) -> None:
+        """One step; ``default`` is the optimizer's own (replicated) update."""
+        return default(grads, variables)
+
+    def lookahead_sync(self, lookahead, variables: Sequence, sync, default: Callable):
+        """Lookahead's pull-back toward the slow weights on ``sync`` steps."""
+        return default()
+
+    def slot_variable(self, optimizer, name: str, var):
+        """The tf.Variable the replicated update reads and assigns, or None (no such slot)."""
+        per_var = optimizer._slots.get(name)
+        if per_var is None:
+            return None
+        slot = per_var[optimizer._get_variable_index(var)]
+        return slot.value if isinstance(slot, keras.Variable) else slot
+
+    # -- inspection -----------------------------------------------------------------------
+    def slot_names(self, optimizer) -> List[str]:
+        return list(optimizer._slots)
+
+    def get_slot(self, optimizer, var, name: str):
+        slot = optimizer._slots[name][optimizer._index_of(var)]
+        if slot is None:
+            raise KeyError(f"no {name!r} slot was created for this variable")
+        return slot
+
+    def slot_entries(self, optimizer) -> list:
+        """Every slot in creation order: variables, or variable-like whole views."""
+        return [slot for per_var in optimizer._slots.values() for slot in per_var
+                if slot is not None]
+
+    def logical_variables(self, optimizer, own_variables: Sequence) -> list:
+        """``own_variables`` (the optimizer's Keras variable list) with the slots in place:
+        the list ``.keras`` files and checkpoints hold, the same in every layout."""
+        return list(own_variables)
+
+    # -- tf.train.Checkpoint ----------------------------------------------------------------
+    def checkpoint_children(self, optimizer, children: dict) -> dict:
+        """The optimizer's checkpoint dependencies (``Replicated``: Keras' own)."""
+        return children
+
+    def local_state_bytes(self, optimizer) -> int:
+        """Bytes of slot state one replica holds."""
+        total = 0
+        for slot in self.slot_entries(optimizer):
+            value = slot.value if isinstance(slot, keras.Variable) else slot
+            local = getattr(value, "values", None)
+            one = local[0] if local else value
+            total += int(tf.size(one)) * value.dtype.size
+        return total
+
+
+Replicated = StateLayout
+
+
+def for_optimizer(optimizer, shard_state: bool) -> StateLayout:
+    """The layout for ``optimizer`` under its strategy.
+
+    ``shard_state`` asks for ZeRO-1: honoured under MirroredStrategy / MWMS (also with one
+    replica), refused under ParameterServerStrategy, and without a strategy it is the
+    replicated layout (one device holds the whole state either way), so a sharded optimizer
+    and its saved files work in a plain process too.
+    """
+    from radam_dist.distribute import pss, zero  # the layouts; imported here, not at the top
+
+    strategy = optimizer._distribution_strategy
+    if isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy):
+        if shard_state:
+            raise ValueError(
+                "shard_optimizer_state=True is for MirroredStrategy / "
+                "MultiWorkerMirroredStrategy; under ParameterServerStrategy give the strategy a "
+                "variable_partitioner instead (the slots are then sharded with their variables "
+                "over the parameter servers)"
+            )
+        return pss.ParameterServerSharded()
+    if shard_state and zero.supports(strategy):
+        return zero.ReplicaSharded()
+    return Replicated()
