@@ -11,9 +11,17 @@ time, median over --repeats:
                method in its own process (bench/ps_echo_server.py), same 1 MiB chunks.
 
 ratio = push_pull / echo: the cost of everything besides moving the bytes (tensor
-assembly, validation, the optimizer step, the parameter snapshot).
+assembly, validation, the optimizer step, the parameter snapshot). push_pull and echo take
+turns (order rotated every repeat) so that load from other processes falls on both alike.
 
-    .venv/bin/python bench/ps_throughput.py [--sizes 10e6 100e6] [--repeats 5]
+The split (second table) times each piece of a push_pull alone, in this process, on the same
+arrays and through the same functions the server and client run: client encode (gradients to
+serialized PushRequests), server decode (parse + TensorAssembler), validate (the declared-shape
+and finiteness checks), apply (one RAdam step), snapshot (ParameterStore.read), server encode
+(values to serialized PullResponses), client decode. wire = the echo round trip; rest =
+push_pull - wire - the pieces (negative where pieces overlap the wire across the two cores).
+
+    .venv/bin/python bench/ps_throughput.py [--sizes 10e6 100e6] [--repeats 5] [--no-split]
 """
 
 from __future__ import annotations
@@ -62,6 +70,98 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
+def interleaved(fns, repeats):
+    """Median seconds of each of ``fns``, run in turns (rotated every repeat) after a warm-up."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for rep in range(repeats):
+        order = list(range(len(fns)))
+        order = order[rep % len(fns):] + order[:rep % len(fns)]
+        for i in order:
+            t = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+PHASES = ("client_encode", "server_decode", "validate", "apply", "snapshot", "server_encode",
+          "client_decode")
+
+
+def split(values, grads, chunk_bytes: int, repeats: int) -> dict:
+    """Median seconds of each piece of a push_pull, each run alone in this process."""
+    import json
+
+    from radam_dist.ps.proto import pb
+    from radam_dist.ps.service import ServeOptions, ShardService
+    from radam_dist.ps.store import VariableSpec
+    from radam_dist.ps.tensors import TensorAssembler, chunk_tensor, parse_chunk_message, serialized_chunks
+
+    service = ShardService(ServeOptions(chunk_bytes=chunk_bytes))
+    store = service.store
+    specs = [VariableSpec(k, v.dtype.name, v.shape, 0, v.shape[0]) for k, v in values.items()]
+    store.create(store.check_registration(json.dumps({"learning_rate": 1e-3}), specs), specs, values)
+    state = {}
+
+    def client_encode():
+        state["raw"] = [raw for k in sorted(grads)  # what PSClient sends
+                        for raw in serialized_chunks(pb, k, pb.GRADIENT, grads[k], pb.PushRequest, chunk_bytes)]
+
+    def server_decode():
+        assembler = TensorAssembler(1 << 62, service._PUSH_ROLES, service._expect_push, service.budget)
+        for raw in state["raw"]:
+            assembler.add(pb.PushRequest.FromString(raw).chunk)
+        state["tensors"] = assembler.finish()
+        assembler.release()
+
+    def validate():
+        state["grads"] = service._gradients(state["tensors"])
+        store.check_gradients(state["grads"])
+
+    def apply():
+        store.apply(state["grads"])
+
+    def snapshot():
+        state["snapshot"] = store.read(store.names)
+
+    def server_encode():
+        state["pull"] = [m.SerializeToString() for k in sorted(state["snapshot"])
+                         for m in chunk_tensor(pb, k, pb.VALUE, state["snapshot"][k], chunk_bytes,
+                                               wrap=pb.PullResponse)]
+
+    def client_decode():
+        assembler = TensorAssembler(1 << 62, frozenset({pb.VALUE}))
+        for raw in state["pull"]:  # as PSClient._collect does
+            _, chunk, data = parse_chunk_message(pb, pb.PullResponse, raw)
+            assembler.add(chunk, data)
+        assembler.finish()
+
+    fns = dict(client_encode=client_encode, server_decode=server_decode, validate=validate,
+               apply=apply, snapshot=snapshot, server_encode=server_encode, client_decode=client_decode)
+    out = {name: [] for name in PHASES}
+    for rep in range(repeats + 1):  # the first round warms up (tf.function tracing)
+        for name in PHASES:  # in pipeline order: each piece needs the one before
+            t = time.perf_counter()
+            fns[name]()
+            if rep:
+                out[name].append(time.perf_counter() - t)
+    state.clear()
+    service.close()
+    return {name: statistics.median(t) for name, t in out.items()}
+
+
+def server_split(log_path: Path, repeats: int) -> dict:
+    """Medians of the server's own "PushPull split ms" log lines for the last ``repeats`` calls."""
+    rows = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "PushPull split ms:" in line:
+            words = line.split("PushPull split ms:")[1].split()
+            rows.append({words[i]: float(words[i + 1]) for i in range(0, len(words) - 1, 2)})
+    rows = rows[-repeats:]
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]} if rows else {}
+
+
 def echo_round_trip(channel, nbytes: int, chunk: int = 1 << 20) -> None:
     call = channel.stream_stream("/radam_dist.bench.Echo/Stream")
     blob = memoryview(np.ones(nbytes // 4, np.float32).view(np.uint8))
@@ -79,6 +179,9 @@ def main() -> int:
     parser.add_argument("--sizes", type=float, nargs="+", default=[10e6, 100e6])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20, help="both directions")
+    parser.add_argument("--echo-default-allocator", action="store_true",
+                        help="the echo server keeps glibc's default malloc thresholds (a slower anchor)")
+    parser.add_argument("--no-split", action="store_true", help="skip the in-process time split")
     args = parser.parse_args()
 
     from radam_dist.ps.client import PSClient
@@ -87,9 +190,12 @@ def main() -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {cpu.strip()}")
     print(f"{'params':>12} {'MB':>7} {'push s':>8} {'pull s':>8} {'push_pull s':>11} {'echo s':>8} "
           f"{'ratio':>6} {'PS GB/s':>8} {'echo GB/s':>9}")
+    splits, server_side = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        echo, echo_port = start([sys.executable, str(REPO / "bench" / "ps_echo_server.py")], tmp, "echo")
+        echo_cmd = [sys.executable, str(REPO / "bench" / "ps_echo_server.py")]
+        echo, echo_port = start(echo_cmd + (["--default-allocator"] if args.echo_default_allocator else []),
+                                tmp, "echo")
         procs = [echo]
         try:
             echo_channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}", options=[
@@ -98,7 +204,7 @@ def main() -> int:
                 n = int(size) // 4 * 4
                 server, port = start([sys.executable, "-m", "radam_dist.ps.cli", "serve", "--port", "0",
                                       "--mode", "async", "--max-staleness", "-1", "--checkpoint-interval", "0",
-                                      "--chunk-bytes", str(args.chunk_bytes)],
+                                      "--chunk-bytes", str(args.chunk_bytes), "--log-level", "DEBUG"],
                                      tmp, f"ps{n}")
                 procs.append(server)
                 client = PSClient([f"127.0.0.1:{port}"], chunk_bytes=args.chunk_bytes)
@@ -106,23 +212,39 @@ def main() -> int:
                 values = {f"v{i}": rng.normal(size=n // 4).astype(np.float32) for i in range(4)}
                 client.register(values, {"learning_rate": 1e-3})
                 grads = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in values.items()}
-                del values
                 nbytes = 4 * n
                 t_push = timed(lambda: client.push(grads), args.repeats)
                 t_pull = timed(lambda: client.pull(), args.repeats)
-                t_pp = timed(lambda: client.push_pull(grads), args.repeats)
-                t_echo = timed(lambda: echo_round_trip(echo_channel, nbytes, args.chunk_bytes), args.repeats)
+                t_pp, t_echo = interleaved(
+                    [lambda: client.push_pull(grads),
+                     lambda: echo_round_trip(echo_channel, nbytes, args.chunk_bytes)], args.repeats)
                 print(f"{n:>12,} {nbytes / 1e6:>7.0f} {t_push:>8.3f} {t_pull:>8.3f} {t_pp:>11.3f} "
                       f"{t_echo:>8.3f} {t_pp / t_echo:>6.2f} {2 * nbytes / t_pp / 1e9:>8.2f} "
                       f"{2 * nbytes / t_echo / 1e9:>9.2f}", flush=True)
                 client.close()
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
-                del grads
+                server_side.append((n, server_split(tmp / f"ps{n}.log", args.repeats)))
+                if not args.no_split:
+                    splits.append((n, t_pp, t_echo, split(values, grads, args.chunk_bytes, args.repeats)))
+                del grads, values
         finally:
             for p in procs:
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGKILL)
+    print("\nserver side of push_pull (ms, median of the timed calls; receive = waiting for and "
+          "decoding the upload, push = validate + apply, send = encode + streaming the values)")
+    for n, parts in server_side:
+        print(f"{n:>12,} " + " ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+    if splits:
+        print("\nsplit of push_pull (ms; pieces timed alone in this process, median of "
+              f"{args.repeats}; rest = push_pull - wire - pieces)")
+        print(f"{'params':>12} {'push_pull':>9} {'wire':>7} " + " ".join(f"{p:>13}" for p in PHASES)
+              + f" {'rest':>7}")
+        for n, t_pp, t_echo, pieces in splits:
+            rest = t_pp - t_echo - sum(pieces.values())
+            print(f"{n:>12,} {t_pp * 1e3:>9.1f} {t_echo * 1e3:>7.1f} "
+                  + " ".join(f"{pieces[p] * 1e3:>13.1f}" for p in PHASES) + f" {rest * 1e3:>7.1f}")
     return 0
 
 

@@ -122,9 +122,20 @@ CASES = {
                                             data=b"\0" * 20)]),
     "unsupported dtype": ("INVALID_ARGUMENT", "unsupported dtype 'complex64'",
                           lambda: [chunk("w", G, np.ones((3, 2), np.complex64))]),
-    "declared size over --max-request-bytes": (
+    "declared size over --max-request-bytes": (  # rows of a table: any count may be legal
         "RESOURCE_EXHAUSTED", "--max-request-bytes",
-        lambda: [chunk("w", G, dtype="float32", shape=(100_000,), data=b"\0" * 1024)]),
+        lambda: [chunk("emb", SV, dtype="float32", shape=(10_000, 2), data=b"\0" * 1024)]),
+    "declared size far above the registered variable": (  # refused before any allocation
+        "INVALID_ARGUMENT", "the variable has (3, 2)",
+        lambda: [chunk("w", G, dtype="float32", shape=(100_000_000,), data=b"\0" * 16)]),
+    "element count overflows int64": ("INVALID_ARGUMENT", "more than an int64 can count",
+                                      lambda: [chunk("w", G, dtype="float32", shape=(2**32, 2**32))]),
+    "element count overflows int64 (3 * 2**62)": (
+        "INVALID_ARGUMENT", "more than an int64 can count",
+        lambda: [chunk("emb", SV, dtype="float32", shape=(2**62, 3))]),
+    "sparse rows of the wrong width": ("INVALID_ARGUMENT", "rows of the variable have shape (2,)",
+                                       lambda: [chunk("emb", SV, np.ones((1, 3), F32)),
+                                                chunk("emb", SI, np.array([1], np.int64))]),
     "message over the gRPC limit": (
         "RESOURCE_EXHAUSTED", "",
         lambda: [chunk("w", G, dtype="float32", shape=(3_000_000,), data=b"\0" * (9 << 20))]),
@@ -161,6 +172,19 @@ def test_stream_without_header_and_pull_of_unknown(strict):
             worker_id="raw", base_version=before[0], pull_names=["nope"]))))
     assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND
     assert_unchanged(client, before)
+
+
+@pytest.mark.timeout(60)
+def test_error_messages_stay_small(strict):
+    """100k unknown names: NOT_FOUND naming a few of them and the count, not a message that
+    overflows gRPC's metadata limit (which the client would see as RESOURCE_EXHAUSTED)."""
+    client, stub = strict
+    names = [f"no-such-variable-{i:06d}" for i in range(100_000)]
+    with pytest.raises(grpc.RpcError) as excinfo:
+        list(stub.Pull(pb.PullRequest(names=names)))
+    assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND
+    details = excinfo.value.details()
+    assert len(details) < 2500 and "99995 more" in details and "(100000)" in details, details[:300]
 
 
 @pytest.mark.timeout(60)

@@ -8,6 +8,7 @@ address is refused unless --insecure is given.
 import shutil
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -100,6 +101,15 @@ def test_tls_with_token_file(cluster):
         PSClient([tls.target], token=TOKEN, retry_timeout=0, call_timeout=10).stats()
     assert rpc_code(excinfo) == "UNAVAILABLE"
     assert client.stats()[0]["version"] == 1
+    with pytest.raises(grpc.RpcError):  # a wrong token: refused, logged once, never echoed
+        PSClient([tls.target], token="wrong-" + TOKEN, root_certificates=pki / "ca.pem",
+                 retry_timeout=0).stats()
+    deadline = time.monotonic() + 10
+    while "refused Stats" not in tls.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    refused = [line for line in tls.log().splitlines() if "refused Stats" in line]
+    assert refused and all("UNAUTHENTICATED" in line for line in refused)
+    assert TOKEN not in tls.log()
 
 
 @pytest.mark.timeout(120)
@@ -121,3 +131,83 @@ def test_plaintext_off_loopback_needs_insecure():
                            "--port", "0"], cwd=REPO, capture_output=True, text=True, timeout=100)
     assert done.returncode == 2
     assert "refusing to serve without TLS" in done.stderr and "--insecure" in done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_stats_cli_presents_a_client_certificate(cluster):
+    (_, _, mtls), pki = cluster
+    cli = [sys.executable, "-m", "radam_dist.ps.cli", "stats", mtls.target, "--tls-ca", str(pki / "ca.pem")]
+    done = subprocess.run(cli + ["--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")],
+                          cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"mode": "async"' in done.stdout
+    refused = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert refused.returncode != 0  # without the client certificate the handshake fails
+
+
+@pytest.mark.timeout(180)
+def test_broken_tls_files_are_named_at_start(tmp_path, cluster):
+    _, pki = cluster
+    placeholder = tmp_path / "placeholder.pem"
+    placeholder.write_text("REPLACE-WITH-THE-SERVER-CERTIFICATE\n")
+    serve = [sys.executable, "-m", "radam_dist.ps.cli", "serve", "--port", "0"]
+    cases = [
+        (["--tls-cert", str(placeholder), "--tls-key", str(pki / "server.key")],
+         f"--tls-cert {placeholder}: not a PEM certificate"),
+        (["--tls-cert", str(pki / "server.pem"), "--tls-key", str(tmp_path / "missing.key")],
+         "missing.key: no such file"),
+        (["--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "client.key")],
+         "do not load or do not belong together"),
+    ]
+    for args, text in cases:
+        started = time.monotonic()
+        done = subprocess.run(serve + args, cwd=REPO, capture_output=True, text=True, timeout=150)
+        seconds = time.monotonic() - started
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert text in done.stderr and "Failed to bind" not in done.stderr, done.stderr[-2000:]
+        # Refused before TensorFlow is imported (that import alone takes seconds); the bound is
+        # generous for a loaded CI machine, the sys.modules check below is the exact one.
+        assert seconds < 5, f"took {seconds:.1f} s to refuse: {done.stderr[-2000:]}"
+    # In one process: the refusal comes from the CLI's own checks, with neither TensorFlow nor
+    # grpc imported.
+    probe = ("import sys; from radam_dist.ps.cli import main; "
+             f"rc = main(['serve', '--port', '0', '--tls-cert', {str(placeholder)!r}, "
+             f"'--tls-key', {str(pki / 'server.key')!r}]); "
+             "print(rc, 'tensorflow' in sys.modules, 'grpc' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                          timeout=150)
+    assert done.stdout.split() == ["2", "False", "False"], (done.stdout, done.stderr[-2000:])
+    assert f"--tls-cert {placeholder}: not a PEM certificate" in done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_serve_argument_errors_are_refused_before_tensorflow():
+    """Every pure-argument error ends `radam-ps serve` with status 2 and a message naming the
+    flag, in one process that never imported TensorFlow or grpc (so it answers at once)."""
+    cases = [
+        (["--port", "70000"], "--port 70000 is not a port number"),
+        (["--max-threads", "0"], "--max-threads must be >= 1"),
+        (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+        (["--max-staleness", "-2"], "--max-staleness must be >= -1"),
+        (["--checkpoint-interval", "-1"], "--checkpoint-interval must be >= 0"),
+        (["--sync-timeout", "0"], "--sync-timeout must be > 0"),
+        (["--max-request-bytes", "0"], "--max-request-bytes must be >= 1"),
+        (["--wal"], "--wal needs --checkpoint-dir"),
+        (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["--num-shards", "2", "--shard-index", "2"], "--shard-index 2 is not in [0, --num-shards 2)"),
+    ]
+    script = ("import json, sys\nfrom radam_dist.ps.cli import main\n"
+              "for args in json.loads(sys.argv[1]):\n"
+              "    try:\n        code = main(['serve', '--port', '0', *args])\n"
+              "    except SystemExit as exit:\n        code = exit.code\n"
+              "    print(code, file=sys.stderr)\n    print('END', file=sys.stderr)\n"
+              "print('tensorflow' in sys.modules, 'grpc' in sys.modules)\n")
+    import json
+
+    done = subprocess.run([sys.executable, "-c", script, json.dumps([a for a, _ in cases])],
+                          cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert done.stdout.split() == ["False", "False"], (done.stdout, done.stderr[-2000:])
+    outputs = done.stderr.split("END\n")[:-1]
+    assert len(outputs) == len(cases), done.stderr
+    for (args, text), output in zip(cases, outputs):
+        assert output.rstrip().endswith("\n2") and text in output, (args, output)

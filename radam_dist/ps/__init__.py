@@ -9,11 +9,12 @@ Importing this package is cheap; ``PSClient`` and the Keras integration load on 
 
 from __future__ import annotations
 
-__all__ = ["PSClient", "PSError", "StaleGradientError", "ParameterServerOptimizer"]
+__all__ = ["PSClient", "PSError", "StaleGradientError", "RoundIncompleteError",
+           "ParameterServerOptimizer"]
 
 
 def __getattr__(name):
-    if name in ("PSClient", "StaleGradientError"):
+    if name in ("PSClient", "StaleGradientError", "RoundIncompleteError"):
         from radam_dist.ps import client
 
         return getattr(client, name)

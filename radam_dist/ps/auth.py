@@ -17,6 +17,16 @@ import grpc
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 TOKEN_ENV = "RADAM_PS_TOKEN"
+PLACEHOLDER_PREFIX = "REPLACE"  # what example manifests put where a real token belongs
+
+
+def check_token(token: str, source: str) -> str:
+    """Refuse a placeholder copied from an example (``REPLACE-WITH-...``): it is public."""
+    if token.upper().startswith(PLACEHOLDER_PREFIX):
+        raise ValueError(
+            f"the token in {source} is the placeholder {token[:40]!r} from an example, not a "
+            "secret: generate one (python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return token
 
 
 def load_token(token_file: Optional[str] = None, env: str = TOKEN_ENV) -> Optional[str]:
@@ -25,9 +35,9 @@ def load_token(token_file: Optional[str] = None, env: str = TOKEN_ENV) -> Option
         token = Path(token_file).read_text().strip()
         if not token:
             raise ValueError(f"token file {token_file} is empty")
-        return token
+        return check_token(token, token_file)
     token = os.environ.get(env, "").strip()
-    return token or None
+    return check_token(token, f"${env}") if token else None
 
 
 def _deny(message: str):
@@ -41,6 +51,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Rejects calls without the right bearer token with UNAUTHENTICATED."""
 
     def __init__(self, token: str):
+        check_token(token, "the server options")
         self._expected = f"Bearer {token}".encode()
 
     def intercept_service(self, continuation, handler_call_details):

@@ -2,6 +2,7 @@
 
     radam-ps serve --port 50051 --mode sync --num-workers 3 --checkpoint-dir /ckpt --wal
     radam-ps stats 127.0.0.1:50051
+    radam-ps health 127.0.0.1:50051 --tls-ca ca.pem     # exit 0 when SERVING (probes)
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def _serve_parser(sub) -> None:
     net.add_argument("--host", default="127.0.0.1", help="address to bind")
     net.add_argument("--port", type=int, default=50051, help="port (0: pick a free one)")
     net.add_argument("--port-file", help="write the bound port here once serving")
+    net.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP, no "
+                          "token; 0: pick a free port, logged); unset: no metrics endpoint")
     net.add_argument("--max-threads", type=int, default=64,
                      help="concurrent calls (sync mode needs at least --num-workers)")
     training = p.add_argument_group("training")
@@ -38,6 +42,9 @@ def _serve_parser(sub) -> None:
                           help="NaN/Inf gradients: refuse with INVALID_ARGUMENT, or acknowledge and drop")
     training.add_argument("--max-request-bytes", type=int, default=1 << 31,
                           help="largest tensor payload of one call (RESOURCE_EXHAUSTED beyond)")
+    training.add_argument("--max-inflight-bytes", type=int, default=4 << 30,
+                          help="tensor bytes all calls in flight may hold together "
+                               "(RESOURCE_EXHAUSTED beyond)")
     net.add_argument("--chunk-bytes", type=int, default=1 << 20,
                      help="size of the tensor chunks the server sends (at most 7 MiB)")
     shard = p.add_argument_group("sharding")
@@ -50,6 +57,10 @@ def _serve_parser(sub) -> None:
     durable.add_argument("--keep-checkpoints", type=int, default=2)
     durable.add_argument("--wal", action="store_true",
                          help="write-ahead log: every acknowledged push survives kill -9")
+    durable.add_argument("--discard-damaged-state", action="store_true",
+                         help="start even if checkpoints or the WAL are damaged or incomplete: move "
+                              "the damaged files aside (logged) and continue without their updates; "
+                              "without it such a server refuses to start")
     security = p.add_argument_group("security")
     security.add_argument("--token-file", help="bearer token file (default: $RADAM_PS_TOKEN; none: no auth)")
     security.add_argument("--tls-cert", help="server certificate (PEM)")
@@ -58,6 +69,8 @@ def _serve_parser(sub) -> None:
     security.add_argument("--insecure", action="store_true",
                           help="allow plaintext on a non-loopback address")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON object per line (ts, level, logger, message, extra fields)")
 
 
 def _stats_parser(sub) -> None:
@@ -65,6 +78,28 @@ def _stats_parser(sub) -> None:
     p.add_argument("target", help="host:port")
     p.add_argument("--token-file")
     p.add_argument("--tls-ca", help="CA of the server certificate (enables TLS)")
+    p.add_argument("--tls-cert", help="client certificate (PEM), for a server with --tls-client-ca")
+    p.add_argument("--tls-key", help="client private key (PEM)")
+    p.add_argument("--tls-server-name",
+                   help="name to verify in the server certificate (when TARGET is an address it does not list)")
+
+
+def _health_parser(sub) -> None:
+    p = sub.add_parser(
+        "health", help="one grpc.health.v1 check (exit 0: SERVING), for Docker / Kubernetes probes",
+        description="Ask a shard's standard gRPC health service whether it is SERVING; print the "
+        "status; exit 0 when SERVING, 1 otherwise. Needs no token. Works as a Kubernetes exec "
+        "probe under TLS (the built-in gRPC probe cannot do TLS).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("target", help="host:port")
+    p.add_argument("--service", default="",
+                   help="health service name ('' is the whole server; radam_dist.ps.v1.ParameterServer)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    p.add_argument("--tls-ca", help="CA of the server certificate (enables TLS)")
+    p.add_argument("--tls-cert", help="client certificate (PEM), for a server with --tls-client-ca")
+    p.add_argument("--tls-key", help="client private key (PEM)")
+    p.add_argument("--tls-server-name",
+                   help="name to verify in the server certificate (when TARGET is an address it does not list)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,12 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _stats_parser(sub)
+    _health_parser(sub)
     return parser
 
 
 def _check_serve_args(parser, args) -> None:
-    """Argument errors come before the (slow) TensorFlow import."""
-    from radam_dist.ps.server import check_transport, TLSFiles  # grpc only
+    """Argument errors come before the (slow) grpc and TensorFlow imports."""
+    from radam_dist.ps.transport import TLSFiles, check_transport  # no grpc, no TensorFlow
 
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard-index {args.shard_index} is not in [0, --num-shards {args.num_shards})")
@@ -90,6 +126,20 @@ def _check_serve_args(parser, args) -> None:
         parser.error("--chunk-bytes must be between 1 KiB and 7 MiB (the message limit is 8 MiB)")
     if args.wal and not args.checkpoint_dir:
         parser.error("--wal needs --checkpoint-dir")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port {args.metrics_port} is not a port number (0-65535)")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port} is not a port number (0-65535)")
+    for flag, value, low in (("--max-threads", args.max_threads, 1),
+                             ("--max-request-bytes", args.max_request_bytes, 1),
+                             ("--max-inflight-bytes", args.max_inflight_bytes, 1),
+                             ("--keep-checkpoints", args.keep_checkpoints, 1),
+                             ("--max-staleness", args.max_staleness, -1),
+                             ("--checkpoint-interval", args.checkpoint_interval, 0)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
+    if not args.sync_timeout > 0:
+        parser.error(f"--sync-timeout must be > 0 seconds, got {args.sync_timeout}")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
@@ -102,8 +152,20 @@ def _check_serve_args(parser, args) -> None:
     args.tls = tls
 
 
+def _refuse(err: Exception) -> int:
+    logging.getLogger(__name__).error("refusing to start: %s", err)
+    print(f"radam-ps serve: refusing to start: {err}", file=sys.stderr)
+    return 2
+
+
 def serve(parser, args) -> int:
     _check_serve_args(parser, args)
+    from radam_dist.ps.transport import check_tls_files  # no grpc, no TensorFlow
+
+    try:  # a placeholder or missing TLS file is named at once, not after the TensorFlow import
+        check_tls_files(args.tls)
+    except ValueError as err:
+        return _refuse(err)
     from radam_dist.ps.auth import load_token
 
     try:
@@ -117,13 +179,21 @@ def serve(parser, args) -> int:
         mode=args.mode, num_workers=args.num_workers, sync_timeout=args.sync_timeout,
         max_staleness=args.max_staleness, shard_index=args.shard_index, num_shards=args.num_shards,
         nonfinite=args.nonfinite, max_request_bytes=args.max_request_bytes,
+        max_inflight_bytes=args.max_inflight_bytes, discard_damaged_state=args.discard_damaged_state,
         checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
         checkpoint_interval=args.checkpoint_interval, keep_checkpoints=args.keep_checkpoints,
         wal=args.wal, chunk_bytes=args.chunk_bytes)
     if token is None:
         logging.getLogger(__name__).warning("no token configured: calls are not authenticated")
-    process = ParameterServerProcess(options, host=args.host, port=args.port, token=token,
-                                     tls=args.tls, insecure=args.insecure, max_threads=args.max_threads)
+    from radam_dist.ps.durability import DirectoryLockedError, RecoveryError
+
+    try:
+        process = ParameterServerProcess(options, host=args.host, port=args.port, token=token,
+                                         tls=args.tls, insecure=args.insecure,
+                                         max_threads=args.max_threads, metrics_port=args.metrics_port)
+    except (RecoveryError, DirectoryLockedError, ValueError) as err:
+        # Never SERVING on damaged state, a directory another server holds, or bad TLS files.
+        return _refuse(err)
     serve_forever(process, args.port_file)
     return 0
 
@@ -132,7 +202,11 @@ def stats(args) -> int:
     from radam_dist.ps.client import PSClient
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None
-    client = PSClient([args.target], token=token, root_certificates=args.tls_ca)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("radam-ps stats: --tls-cert and --tls-key go together")
+    client = PSClient([args.target], token=token, root_certificates=args.tls_ca,
+                      client_cert=args.tls_cert, client_key=args.tls_key,
+                      server_name_override=args.tls_server_name, retry_timeout=0)
     try:
         print(json.dumps(client.stats()[0], indent=2, sort_keys=True))
     finally:
@@ -144,9 +218,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
-        logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from radam_dist.ps.jsonlog import configure
+
+        configure(args.log_level, args.log_format)
         return serve(parser, args)
+    if args.command == "health":
+        if bool(args.tls_cert) != bool(args.tls_key):
+            parser.error("--tls-cert and --tls-key go together")
+        from radam_dist.ps.health_probe import main as health
+
+        return health(args)
     return stats(args)
 
 

@@ -1,37 +1,48 @@
-"""Checkpoints and the write-ahead log.
+"""Checkpoints, the write-ahead log, and the lock on the checkpoint directory.
 
 Checkpoint file ``ckpt-<version>.radps``::
 
     MAGIC | u64 metadata length | metadata JSON | raw arrays | sha256 of everything before
 
 written to a temporary name, fsync'ed, renamed into place and the directory fsync'ed, so a
-crash leaves either the old or the new file, never half of one; a file whose checksum does
-not match is skipped on load and the previous one is used.
+crash leaves either the old or the new file, never half of one. A checkpoint written with
+``--wal`` names (``wal_segment``) the log segment that continues it.
 
 The write-ahead log (``--wal``) holds one record per applied update (an async push, or a sync
-round's averaged gradients), appended and fsync'ed *before* the update is applied and
-acknowledged. A restart loads the newest valid checkpoint and re-applies every later record,
-so an acknowledged push survives ``kill -9``. Records::
+round's averaged gradients) and one per staged sync push, appended and fsync'ed *before* the
+update is applied or the push acknowledged. Records::
 
-    b"RW" | u32 payload length | u32 crc32(payload) | payload
+    b"R2" | u32 payload length | u32 crc32(payload) | u32 crc32(the 10 bytes before) | payload
     payload = u32 metadata length | metadata JSON | raw arrays
 
-A torn record at the end of the log (the process died while writing it) was never
-acknowledged; it is dropped. Segments are named ``wal-<first version>-<seq>.log``; a new one
-starts at each checkpoint and segments older than the oldest kept checkpoint are deleted.
+Segments are named ``wal-<first version>-<seq>.log``; a new one starts at each checkpoint,
+``wal.head`` names the newest one, and segments older than the oldest kept checkpoint are
+deleted.
+
+Recovery tells a torn tail from damage (see ``scan_segment``): the process can only have died
+while writing the *last* record of the *newest* segment, and that record was never
+acknowledged (its fsync had not returned), so a record cut short at the end of the newest
+segment (or a zero-filled tail) is dropped -- its bytes are kept in a ``.torn`` file. Anything
+else -- a bad header or checksum with intact data after it, a damaged record in an older
+segment, a missing segment, a head that names a segment that is gone -- may be acknowledged
+data and raises ``RecoveryError``: the server refuses to start unless the operator passes
+``--discard-damaged-state``, which moves the damaged files aside and logs what it dropped.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import struct
+import time
 import zlib
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -43,7 +54,20 @@ log = logging.getLogger(__name__)
 CKPT_MAGIC = b"RADAM-PS-CKPT-1\n"
 CKPT_RE = re.compile(r"^ckpt-(\d{12})\.radps$")
 WAL_RE = re.compile(r"^wal-(\d{12})-(\d{6})\.log$")
-WAL_MARK = b"RW"
+WAL_MARK = b"R2"
+WAL_HEADER = 14  # mark, length, payload crc, header crc
+WAL_HEAD = "wal.head"
+LOCK_NAME = "LOCK"
+DISCARD_HINT = ("restore the file from a backup, or restart with --discard-damaged-state to "
+                "move the damaged files aside and continue without the updates they hold")
+
+
+class RecoveryError(RuntimeError):
+    """Durable state is damaged or incomplete: starting would silently lose acknowledged updates."""
+
+
+class DirectoryLockedError(RuntimeError):
+    """Another server holds the checkpoint directory."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -54,6 +78,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# -- the directory lock -----------------------------------------------------------------------
+class DirectoryLock:
+    """An exclusive ``flock`` on ``<dir>/LOCK``, which names its holder (pid, host, port).
+
+    The kernel releases the lock when the process dies, so a crashed server never leaves a
+    stale lock behind; the file itself stays (deleting it would let two holders lock two files).
+    """
+
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / LOCK_NAME
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            self._fd = None
+            raise DirectoryLockedError(
+                f"checkpoint directory {directory} is in use by another server ({holder}); stop "
+                "that server first, or give this one its own --checkpoint-dir") from None
+        self.update()
+
+    def update(self, **fields) -> None:
+        info = dict(pid=os.getpid(), host=socket.gethostname(),
+                    since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields)
+        data = json.dumps(info, sort_keys=True).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data + b"\n", 0)
+        os.fsync(self._fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+# -- arrays -----------------------------------------------------------------------------------
 def _pack_arrays(arrays: Dict[str, np.ndarray]) -> Tuple[list, List[memoryview]]:
     index, buffers, offset = [], [], 0
     for key, array in arrays.items():
@@ -110,10 +183,12 @@ def read_checkpoint(path: Path) -> Tuple[dict, Dict[str, np.ndarray]]:
     """(metadata, arrays); ValueError if the file is damaged."""
     data = path.read_bytes()
     if len(data) < len(CKPT_MAGIC) + 8 + 32 or not data.startswith(CKPT_MAGIC):
-        raise ValueError(f"{path}: not a radam_dist parameter-server checkpoint")
+        raise ValueError(f"{path}: not a radam_dist parameter-server checkpoint "
+                         f"({len(data)} bytes, bad magic or too short)")
     body, checksum = memoryview(data)[:-32], data[-32:]
     if hashlib.sha256(body).digest() != checksum:
-        raise ValueError(f"{path}: checksum mismatch (damaged or partially written)")
+        raise ValueError(f"{path}: sha256 mismatch over its {len(data)} bytes (damaged or "
+                         "partially written)")
     (header_len,) = struct.unpack_from("<Q", data, len(CKPT_MAGIC))
     start = len(CKPT_MAGIC) + 8
     meta = json.loads(bytes(body[start:start + header_len]))
@@ -123,18 +198,37 @@ def read_checkpoint(path: Path) -> Tuple[dict, Dict[str, np.ndarray]]:
 
 def load_latest_checkpoint(directory: Path) -> Optional[Tuple[Path, dict, Dict[str, np.ndarray]]]:
     """The newest checkpoint whose checksum verifies (older ones are tried in turn)."""
+    found = load_checkpoints(directory)
+    return found[0] if found[0] is not None else None
+
+
+def load_checkpoints(directory: Path):
+    """((path, meta, arrays) of the newest valid checkpoint or None, [(path, why) newer ones
+    that did not verify])."""
+    damaged = []
     for path in reversed(list_checkpoints(directory)):
         try:
             meta, arrays = read_checkpoint(path)
-        except (ValueError, OSError, KeyError, json.JSONDecodeError) as err:
-            log.warning("skipping checkpoint %s: %s", path, err)
+        except (ValueError, OSError, KeyError, TypeError, json.JSONDecodeError,
+                UnicodeDecodeError, struct.error) as err:
+            log.warning("checkpoint %s does not verify: %s", path, err)
+            damaged.append((path, str(err)))
             continue
-        return path, meta, arrays
-    return None
+        return (path, meta, arrays), damaged
+    return None, damaged
 
 
 # -- write-ahead log --------------------------------------------------------------------------
-def encode_record(version_before: int, request_ids: List[str], grads: Dict[str, Gradient]) -> bytes:
+class WalRecord(NamedTuple):
+    kind: str  # "apply": an update; "stage": a sync push held for its round
+    version_before: int  # apply: the version it was applied to; stage: the round
+    request_ids: List[str]
+    grads: Dict[str, Gradient]
+    meta: dict  # everything else (worker id, the round's members, ...)
+
+
+def encode_record(version_before: int, request_ids: List[str], grads: Dict[str, Gradient],
+                  kind: str = "apply", **extra) -> bytes:
     arrays, items = {}, []
     for name in sorted(grads):
         grad = grads[name]
@@ -143,22 +237,78 @@ def encode_record(version_before: int, request_ids: List[str], grads: Dict[str, 
             arrays[f"{name}/indices"] = grad.indices
         items.append({"name": name, "sparse": grad.is_sparse})
     index, buffers = _pack_arrays(arrays)
-    meta = json.dumps({"version_before": version_before, "request_ids": request_ids,
-                       "grads": items, "arrays": index}).encode()
+    meta = json.dumps(dict(extra, kind=kind, version_before=version_before, request_ids=request_ids,
+                           grads=items, arrays=index)).encode()
     payload = b"".join([struct.pack("<I", len(meta)), meta, *[bytes(b) for b in buffers]])
-    return WAL_MARK + struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+    head = WAL_MARK + struct.pack("<II", len(payload), zlib.crc32(payload))
+    return head + struct.pack("<I", zlib.crc32(head)) + payload
 
 
-def decode_record(payload: bytes) -> Tuple[int, List[str], Dict[str, Gradient]]:
+def decode_record(payload: bytes) -> WalRecord:
     (meta_len,) = struct.unpack_from("<I", payload, 0)
     meta = json.loads(payload[4:4 + meta_len])
-    arrays = _unpack_arrays(meta["arrays"], memoryview(payload)[4 + meta_len:])
+    arrays = _unpack_arrays(meta.pop("arrays"), memoryview(payload)[4 + meta_len:])
     grads = {}
-    for item in meta["grads"]:
+    for item in meta.pop("grads"):
         name = item["name"]
         grads[name] = Gradient(arrays[f"{name}/values"],
                                arrays[f"{name}/indices"] if item["sparse"] else None)
-    return int(meta["version_before"]), list(meta["request_ids"]), grads
+    return WalRecord(meta.pop("kind", "apply"), int(meta.pop("version_before")),
+                     list(meta.pop("request_ids")), grads, meta)
+
+
+class Damage(NamedTuple):
+    path: Path
+    offset: int
+    size: int  # of the file
+    torn: bool  # True: an unacknowledged torn tail that may be dropped
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.path} at byte {self.offset} of {self.size}: {self.reason}"
+
+
+def scan_segment(data: bytes, path: Path, newest: bool) -> Tuple[List[Tuple[int, bytes]], Optional[Damage]]:
+    """([(offset, payload)] of the intact records, the first damage or None).
+
+    A torn tail is only possible in the newest segment, and only at its end: a header cut
+    short, a record whose declared length runs past the end of the file, a last record whose
+    payload checksum fails and whose last bytes are zeros, or a tail of zeros (space the file
+    system allocated before the data arrived). The header carries its own
+    checksum, so a damaged length field is never mistaken for a torn record.
+    """
+    records, pos, size = [], 0, len(data)
+    while pos < size:
+        rest = data[pos:]
+
+        def damage(reason: str, torn_possible: bool) -> Damage:
+            torn = newest and torn_possible
+            return Damage(path, pos, size, torn, reason)
+
+        if not rest.strip(b"\0"):
+            return records, damage(f"{size - pos} zero bytes instead of a record", True)
+        if len(rest) < WAL_HEADER:
+            return records, damage(f"a record header cut short ({len(rest)} of {WAL_HEADER} bytes)",
+                                   WAL_MARK.startswith(rest[:2]))
+        if rest[:2] != WAL_MARK:
+            return records, damage(f"no record marker (found {rest[:2]!r})", False)
+        length, crc = struct.unpack_from("<II", rest, 2)
+        (head_crc,) = struct.unpack_from("<I", rest, 10)
+        if zlib.crc32(rest[:10]) != head_crc:
+            return records, damage("record header checksum mismatch", False)
+        end = WAL_HEADER + length
+        if end > len(rest):
+            return records, damage(f"record of {length} bytes cut short after {len(rest) - WAL_HEADER}",
+                                   True)
+        payload = rest[WAL_HEADER:end]
+        if zlib.crc32(payload) != crc:
+            # Torn only if it is the last record and its end never reached the disk (zeros);
+            # a flipped bit in an intact, acknowledged last record is damage.
+            unwritten = end == len(rest) and not payload[-16:].strip(b"\0")
+            return records, damage(f"record payload checksum mismatch ({length} bytes)", unwritten)
+        records.append((pos, payload))
+        pos += end
+    return records, None
 
 
 class WriteAheadLog:
@@ -169,45 +319,111 @@ class WriteAheadLog:
         directory.mkdir(parents=True, exist_ok=True)
         self._file = None
         self.path: Optional[Path] = None
+        self.seq = -1
+
+    @staticmethod
+    def seq_of(path: Path) -> int:
+        return int(WAL_RE.match(path.name).group(2))
+
+    @staticmethod
+    def first_version_of(path: Path) -> int:
+        return int(WAL_RE.match(path.name).group(1))
 
     def segments(self) -> List[Path]:
-        return sorted(p for p in self.directory.iterdir() if WAL_RE.match(p.name))
+        return sorted((p for p in self.directory.iterdir() if WAL_RE.match(p.name)), key=self.seq_of)
 
-    def records(self) -> Iterator[Tuple[int, List[str], Dict[str, Gradient]]]:
-        """Every intact record in order; a torn tail of a segment is dropped (truncated)."""
-        for path in self.segments():
-            with open(path, "rb") as f:
-                data = f.read()
-            pos = 0
-            while pos < len(data):
-                header_end = pos + 10
-                valid = data[pos:pos + 2] == WAL_MARK and header_end <= len(data)
-                if valid:
-                    length, crc = struct.unpack_from("<II", data, pos + 2)
-                    payload = data[header_end:header_end + length]
-                    valid = len(payload) == length and zlib.crc32(payload) == crc
-                if not valid:
-                    log.warning("WAL %s: torn or damaged record at byte %d of %d, dropping the rest "
-                                "(it was never acknowledged)", path.name, pos, len(data))
-                    with open(path, "r+b") as f:
-                        f.truncate(pos)
-                        os.fsync(f.fileno())
-                    break
-                yield decode_record(payload)
-                pos = header_end + length
+    def head(self) -> Optional[dict]:
+        """What ``wal.head`` says is the newest segment (None: no head file)."""
+        path = self.directory / WAL_HEAD
+        if not path.exists():
+            return None
+        try:
+            head = json.loads(path.read_text())
+            return {"seq": int(head["seq"]), "first_version": int(head["first_version"])}
+        except (ValueError, KeyError, TypeError) as err:
+            raise RecoveryError(f"{path} is damaged ({err}); it names the newest write-ahead log "
+                                f"segment. {DISCARD_HINT}") from err
+
+    def chain(self, start_seq: int) -> List[Path]:
+        """The segments from ``start_seq`` to the newest, checked complete; RecoveryError else."""
+        segments = {self.seq_of(p): p for p in self.segments()}
+        head = self.head()
+        newest = max(segments, default=-1)
+        if head is not None and head["seq"] > newest:
+            raise RecoveryError(
+                f"write-ahead log segment {head['seq']} (wal-{head['first_version']:012d}-"
+                f"{head['seq']:06d}.log), the newest according to {self.directory / WAL_HEAD}, is "
+                f"missing from {self.directory} (the newest present is {newest}); the updates it "
+                f"held are lost. {DISCARD_HINT}")
+        if start_seq not in segments:
+            raise RecoveryError(
+                f"write-ahead log segment {start_seq} that continues the checkpoint is missing "
+                f"from {self.directory}; the updates after the checkpoint are lost. {DISCARD_HINT}")
+        missing = [s for s in range(start_seq, newest + 1) if s not in segments]
+        if missing:
+            raise RecoveryError(
+                f"write-ahead log segments {missing[:5]}{' ...' if len(missing) > 5 else ''} are "
+                f"missing from {self.directory} (present: {sorted(segments)[:10]}); the updates "
+                f"they held are lost. {DISCARD_HINT}")
+        return [segments[s] for s in range(start_seq, newest + 1)]
+
+    def read(self, segments: List[Path]) -> Iterator[Tuple[Path, WalRecord]]:
+        """Every record of ``segments`` in order. A torn tail of the last one is moved to a
+        ``.torn`` file and truncated (logged); any other damage raises RecoveryError, whose
+        ``damage`` attribute says where."""
+        for i, path in enumerate(segments):
+            data = path.read_bytes()
+            records, damage = scan_segment(data, path, newest=i == len(segments) - 1)
+            for offset, payload in records:
+                try:
+                    record = decode_record(payload)
+                except (ValueError, KeyError, TypeError, struct.error) as err:
+                    err = RecoveryError(f"write-ahead log {path} at byte {offset}: the record's "
+                                        f"checksum holds but it does not decode ({err}). {DISCARD_HINT}")
+                    err.damage = Damage(path, offset, len(data), False, "undecodable")
+                    raise err
+                yield path, record
+            if damage is None:
+                continue
+            if not damage.torn:
+                err = RecoveryError(
+                    f"write-ahead log {damage.describe()}. This is not a torn tail (the only "
+                    "damage a crash can cause), so the record and those after it may hold "
+                    f"acknowledged updates; refusing to start. {DISCARD_HINT}")
+                err.damage = damage
+                raise err
+            self.cut(path, damage.offset, "torn tail of the newest segment, written when the "
+                     "process died: never acknowledged (" + damage.reason + ")")
+
+    def cut(self, path: Path, offset: int, why: str) -> None:
+        """Truncate ``path`` at ``offset``; the dropped bytes are kept in ``<path>.torn-<offset>``."""
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            tail = f.read()
+            keep = path.with_name(f"{path.name}.torn-{offset}")
+            keep.write_bytes(tail)
+            f.truncate(offset)
+            os.fsync(f.fileno())
+        log.warning("write-ahead log %s: dropped %d bytes from byte %d (%s); kept in %s",
+                    path.name, len(tail), offset, why, keep.name)
 
     def start_segment(self, first_version: int) -> None:
         """Close the current segment and open a new one for records from ``first_version``."""
         self.close()
-        existing = [int(WAL_RE.match(p.name).group(2)) for p in self.segments()]
-        seq = max(existing, default=-1) + 1
+        existing = [self.seq_of(p) for p in self.segments()]
+        head = self.head() if (self.directory / WAL_HEAD).exists() else None
+        seq = max(existing + ([head["seq"]] if head else []), default=-1) + 1
         self.path = self.directory / f"wal-{first_version:012d}-{seq:06d}.log"
         self._file = open(self.path, "ab")
+        self.seq = seq
         _fsync_dir(self.directory)
+        _write_atomic(self.directory / WAL_HEAD,
+                      json.dumps({"seq": seq, "first_version": first_version}).encode())
 
-    def append(self, version_before: int, request_ids: List[str], grads: Dict[str, Gradient]) -> None:
+    def append(self, version_before: int, request_ids: List[str], grads: Dict[str, Gradient],
+               kind: str = "apply", **extra) -> None:
         """Write one record and fsync it; only then may the update be acknowledged."""
-        record = encode_record(version_before, request_ids, grads)
+        record = encode_record(version_before, request_ids, grads, kind, **extra)
         self._file.write(record)
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -216,7 +432,7 @@ class WriteAheadLog:
         """Delete segments holding only records older than ``version`` (the oldest checkpoint)."""
         segments = self.segments()
         for path, following in zip(segments, segments[1:]):
-            if path != self.path and int(WAL_RE.match(following.name).group(1)) <= version:
+            if path != self.path and self.first_version_of(following) <= version:
                 path.unlink(missing_ok=True)
 
     def close(self) -> None:

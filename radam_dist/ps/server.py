@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
 import socket
 import threading
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +15,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from radam_dist.ps.auth import BearerTokenInterceptor
+# TLSFiles / check_transport / check_tls_files live in transport.py (no grpc, no TensorFlow) so
+# that the CLI can check its arguments and files before the slow imports; re-exported here for
+# existing callers.
+from radam_dist.ps.transport import (  # noqa: F401
+    TLSFiles, check_tls_files, check_transport, is_loopback)
 from radam_dist.ps.proto import pb_grpc
 from radam_dist.ps.service import ServeOptions, ShardService
 
@@ -24,30 +27,16 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "radam_dist.ps.v1.ParameterServer"
 MAX_MESSAGE_BYTES = 8 << 20  # chunks are 1 MiB; anything far bigger is refused by gRPC itself
-
-
-@dataclass
-class TLSFiles:
-    cert: str
-    key: str
-    client_ca: Optional[str] = None  # set: mutual TLS (clients must present a cert it signed)
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_transport(host: str, tls: Optional[TLSFiles], insecure: bool) -> None:
-    """Plaintext on anything but loopback only with an explicit --insecure."""
-    if tls is None and not insecure and not is_loopback(host):
-        raise ValueError(
-            f"refusing to serve without TLS on {host!r} (not a loopback address): pass "
-            "--tls-cert/--tls-key, or --insecure if the network is trusted")
+# Keepalive (docs/PS.md): the server pings an idle connection every 30 s and drops it when no
+# answer comes within 10 s, so a vanished worker's calls end instead of hanging; it accepts
+# client pings at most every 10 s (clients ping every 30 s, see client.KEEPALIVE_OPTIONS).
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 
 class ParameterServerProcess:
@@ -55,17 +44,21 @@ class ParameterServerProcess:
 
     def __init__(self, options: ServeOptions, host: str = "127.0.0.1", port: int = 0,
                  token: Optional[str] = None, tls: Optional[TLSFiles] = None,
-                 insecure: bool = False, max_threads: int = 64):
+                 insecure: bool = False, max_threads: int = 64, metrics_port: Optional[int] = None):
         check_transport(host, tls, insecure)
+        check_tls_files(tls)
         self.options = options
+        self.host, self.metrics_port = host, metrics_port  # metrics_port 0: pick a free one
         self.service = ShardService(options)
         self.health = health.HealthServicer()
-        interceptors = [BearerTokenInterceptor(token)] if token else []
+        # Metrics first: it sees (and counts) the calls that authentication refuses.
+        interceptors = [self.service.metrics.interceptor()]
+        interceptors += [BearerTokenInterceptor(token)] if token else []
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="ps"),
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)] + KEEPALIVE_OPTIONS,
         )
         pb_grpc.add_ParameterServerServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -80,11 +73,20 @@ class ParameterServerProcess:
         else:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
+            self.service.close()
             raise OSError(f"could not bind {address}")
+        if self.service.lock is not None:  # name the holder completely
+            self.service.lock.update(port=self.port, address=address)
         self._stop = threading.Event()
         self._timer: Optional[threading.Thread] = None
 
     def start(self) -> int:
+        if self.metrics_port is not None:  # first: a taken port fails before any call is served
+            try:
+                self.metrics_port = self.service.metrics.serve_http(self.host.strip("[]"), self.metrics_port)
+            except OSError as err:
+                raise OSError(f"cannot serve metrics on {self.host}:{self.metrics_port}: {err}") from err
+            log.info("metrics on http://%s:%d/metrics", self.host, self.metrics_port)
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -111,6 +113,7 @@ class ParameterServerProcess:
         self.server.stop(grace).wait()
         self.service.save_checkpoint()
         self.service.close()
+        self.service.metrics.close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()

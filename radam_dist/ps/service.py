@@ -3,11 +3,15 @@
 One lock (a Condition) guards the store; every request is validated completely before it
 takes the lock to change anything, so a refused request leaves the state exactly as it was.
 
-Sync mode: the pushes of ``num_workers`` distinct workers for the current version form a
-round; the last one to arrive averages the gradients, applies one step and wakes the others.
-A round that is not complete ``sync_timeout`` seconds after a worker arrived is abandoned:
-every waiting push gets DEADLINE_EXCEEDED / ABORTED naming the workers that never came, and
-nothing is applied.
+Sync mode runs rounds in two phases so that every shard applies the same rounds from the
+same workers or none does (docs/PS.md, "Sync rounds across shards"): a worker *stages* its
+push for round r on every shard (nothing is applied), then asks shard 0, the coordinator, to
+*commit*. Shard 0 commits the round once ``num_workers`` distinct workers have staged
+everywhere -- the decision, naming each member's staged push, is applied and logged on shard 0
+before any worker hears of it -- and the workers deliver it to the other shards
+(``ApplyRound``, idempotent). A round not complete ``sync_timeout`` seconds after a worker
+asked to commit is abandoned: nothing is applied on any shard. A one-shot ``Push`` in sync
+mode is the same protocol on a single shard.
 
 Async mode: each push is applied on arrival unless its gradients were computed from a version
 more than ``max_staleness`` updates old (ABORTED: pull and recompute).
@@ -18,8 +22,10 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -29,13 +35,18 @@ import numpy as np
 
 from radam_dist.ps import durability
 from radam_dist.ps.errors import PSError
+from radam_dist.ps.metrics import PSMetrics
 from radam_dist.ps.proto import pb, pb_grpc
-from radam_dist.ps.store import Gradient, ParameterStore, VariableSpec
-from radam_dist.ps.tensors import DEFAULT_CHUNK_BYTES, TensorAssembler, WireError, chunk_tensor
+from radam_dist.ps.store import Gradient, ParameterStore, VariableSpec, name_list
+from radam_dist.ps.tensors import (DEFAULT_CHUNK_BYTES, ByteBudget, TensorAssembler, WireError,
+                                   chunk_tensor, reuse_freed_memory)
 
 log = logging.getLogger(__name__)
 
 _DEDUP_CAPACITY = 100_000
+_DECISIONS_KEPT = 10_000  # sync: outcomes of this many past rounds can be queried
+_STAGINGS_PER_WORKER = 8  # sync: staged pushes one worker may hold in one round
+MAX_MESSAGE_CHARS = 2000  # longest status message sent (names are listed with a count)
 
 
 @dataclass
@@ -48,17 +59,25 @@ class ServeOptions:
     num_shards: int = 1
     nonfinite: str = "reject"  # "reject" | "skip"
     max_request_bytes: int = 1 << 31
+    max_inflight_bytes: int = 4 << 30  # all calls together (RESOURCE_EXHAUSTED beyond)
     checkpoint_dir: Optional[Path] = None
     checkpoint_interval: float = 0.0  # seconds; 0: only on request / SIGTERM
     keep_checkpoints: int = 2
     wal: bool = False
+    discard_damaged_state: bool = False
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
 
 @dataclass
-class _Pending:
+class _Staged:
     request_id: str
     grads: Optional[Dict[str, Gradient]]  # None: skipped (non-finite)
+
+
+@dataclass
+class _Ready:
+    request_id: str
+    context: object  # the waiting CommitRound call (None: restored, no caller)
 
 
 @dataclass
@@ -72,8 +91,23 @@ class _Counters:
     started: float = field(default_factory=time.monotonic)
 
 
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[:MAX_MESSAGE_CHARS] + f"... ({len(message)} characters in all)"
+
+
+def _who(err: PSError, header) -> PSError:
+    """The refusal with the caller's worker and request id appended: the metrics interceptor
+    logs every refused call once with its method, code, peer and this message (never a token)."""
+    if header is None or not (header.worker_id or header.request_id):
+        return err
+    return PSError(err.code, f"{_bounded(err.message)} [worker {header.worker_id[:100]!r}, "
+                             f"request {header.request_id[:100]!r}]")
+
+
 def _abort(context, err: PSError):
-    context.abort(getattr(grpc.StatusCode, err.code), err.message)
+    context.abort(getattr(grpc.StatusCode, err.code), _bounded(err.message))
 
 
 class ShardService(pb_grpc.ParameterServerServicer):
@@ -85,56 +119,189 @@ class ShardService(pb_grpc.ParameterServerServicer):
         if options.wal and options.checkpoint_dir is None:
             raise ValueError("--wal needs --checkpoint-dir (the log is replayed on a checkpoint)")
         self.options = options
+        reuse_freed_memory()  # chunk buffers: no page fault per 4 KiB (tensors.py says why)
         self.store = ParameterStore()
         self.placement: dict = {}
         self._cond = threading.Condition()
         self._checkpoint_lock = threading.Lock()
         self._dedup: "collections.OrderedDict[str, int]" = collections.OrderedDict()
-        self._pending: Dict[str, _Pending] = {}  # sync: worker_id -> its gradient this round
-        self._generation = 0  # sync: bumped when a round is applied or abandoned
+        # sync: the current round's staged pushes, (worker, request id) -> gradients
+        self._staged: Dict[Tuple[str, str], _Staged] = {}
+        self._ready: Dict[str, _Ready] = {}  # shard 0: workers staged everywhere, this round
+        self._decisions: "collections.OrderedDict[int, Dict[str, str]]" = collections.OrderedDict()
+        self._generation = 0  # sync: bumped when a round is committed or abandoned
         self._abandoned: Dict[int, str] = {}  # generation -> why the round was abandoned
         self.counters = _Counters()
+        self.budget = ByteBudget(options.max_inflight_bytes)
+        self.metrics = PSMetrics(lambda: (self.store.version, self.store.step), options)
+        self.lock = (durability.DirectoryLock(options.checkpoint_dir)
+                     if options.checkpoint_dir is not None else None)
         self.wal = durability.WriteAheadLog(options.checkpoint_dir) if options.wal else None
-        self._recover()
+        try:
+            self._recover()
+        except BaseException:
+            self.close()
+            raise
 
     # -- recovery ---------------------------------------------------------------------------
+    def _aside(self, paths: Iterable[Path], why: str) -> None:
+        """--discard-damaged-state: move ``paths`` into ``discarded-<time>/`` and log it."""
+        paths = [p for p in paths if p.exists()]
+        if not paths:
+            return
+        target = self.options.checkpoint_dir / time.strftime("discarded-%Y%m%dT%H%M%SZ", time.gmtime())
+        target.mkdir(exist_ok=True)
+        for p in paths:
+            shutil.move(str(p), str(target / p.name))
+            log.warning("DISCARDED %s (%d bytes) to %s: %s", p.name, (target / p.name).stat().st_size,
+                        target, why)
+
     def _recover(self) -> None:
         directory = self.options.checkpoint_dir
         if directory is None:
             return
-        loaded = durability.load_latest_checkpoint(directory)
+        discard = self.options.discard_damaged_state
+        loaded, damaged = durability.load_checkpoints(directory)
+        segments = self.wal.segments() if self.wal is not None else []
+        try:
+            head = self.wal.head() if self.wal is not None else None
+        except durability.RecoveryError:
+            if not discard:
+                raise
+            self._aside([directory / durability.WAL_HEAD], "does not parse")
+            head = None
+        if damaged and (loaded is None or self.wal is None):
+            what = "; ".join(why for _, why in damaged[:3])
+            if loaded is None:
+                consequence = (f"none of the {len(damaged)} checkpoint(s) verifies, so the "
+                               "registration, parameters and optimizer state are lost")
+            else:
+                consequence = (f"falling back to {loaded[0].name} would lose the updates after it "
+                               "(no --wal to replay them)")
+            message = f"{what}: {consequence}. {durability.DISCARD_HINT}"
+            if not discard:
+                raise durability.RecoveryError(message)
+            self._aside([p for p, _ in damaged], "does not verify")
+            if loaded is None:
+                self._aside(segments + [directory / durability.WAL_HEAD],
+                            "continues a checkpoint that does not verify")
+                segments, head = [], None
+        if loaded is None and self.wal is not None and (head is not None or segments) and not damaged:
+            nonempty = [p for p in segments if p.stat().st_size]
+            if nonempty or (head is not None and head["seq"] > 0):
+                message = (f"{directory} holds a write-ahead log ({len(segments)} segment(s), "
+                           f"{sum(p.stat().st_size for p in segments)} bytes) but no checkpoint: the "
+                           "checkpoint it continues (with the registration) was deleted. "
+                           f"{durability.DISCARD_HINT}")
+                if not discard:
+                    raise durability.RecoveryError(message)
+                self._aside(segments + [directory / durability.WAL_HEAD], "no checkpoint to replay onto")
         if loaded is not None:
             path, meta, arrays = loaded
             if (meta.get("shard_index"), meta.get("num_shards")) != (
                     self.options.shard_index, self.options.num_shards):
-                raise RuntimeError(
+                raise durability.RecoveryError(
                     f"{path} belongs to shard {meta.get('shard_index')} of {meta.get('num_shards')}, "
                     f"this server is shard {self.options.shard_index} of {self.options.num_shards}")
             self.store.import_state(meta, arrays)
             self.placement = meta.get("placement", {})
             for rid, version in meta.get("dedup", []):
                 self._remember(rid, version)
+            for round_, members in meta.get("decisions", []):
+                self._decide(int(round_), dict(members))
             self.counters.last_checkpoint_version = self.store.version
             log.info("resumed from %s at version %d", path.name, self.store.version)
+            if self.wal is None:
+                self._refuse_unread_log(meta)
+            if self.wal is not None:
+                self._replay(meta)
+                if damaged:  # every update they held is back from the log
+                    for p, why in damaged:
+                        log.warning("checkpoint %s does not verify (%s); its updates were replayed "
+                                    "from the write-ahead log instead", p.name, why)
+                    self._aside([p for p, _ in damaged], "does not verify (replaced by the log)")
         if self.wal is not None:
-            replayed = 0
-            for version_before, request_ids, grads in self.wal.records():
-                if not self.store.registered or version_before < self.store.version:
+            if self.store.registered:
+                self.save_checkpoint()  # starts a new segment that this checkpoint names
+            else:
+                self.wal.start_segment(self.store.version)
+
+    def _refuse_unread_log(self, meta: dict) -> None:
+        """A server restarted without --wal over a log that holds updates after the checkpoint
+        would silently drop them."""
+        directory = self.options.checkpoint_dir
+        start = int(meta.get("wal_segment", 0))
+        pending = [p for p in directory.iterdir() if durability.WAL_RE.match(p.name)
+                   and durability.WriteAheadLog.seq_of(p) >= start and p.stat().st_size]
+        if not pending:
+            return
+        message = (f"{directory} holds a write-ahead log with updates after the checkpoint "
+                   f"({', '.join(sorted(p.name for p in pending)[:3])}) but this server runs without "
+                   "--wal, which would drop them: restart with --wal, or with "
+                   "--discard-damaged-state to discard them")
+        if not self.options.discard_damaged_state:
+            raise durability.RecoveryError(message)
+        self._aside(pending, "write-ahead log ignored (no --wal)")
+
+    def _replay(self, meta: dict) -> None:
+        wal, discard = self.wal, self.options.discard_damaged_state
+        segments = wal.segments()
+        start = meta.get("wal_segment")
+        if start is None:  # written without --wal: replay whatever continues it
+            later = [p for p in segments if wal.first_version_of(p) >= self.store.version]
+            if not later:
+                return
+            start = wal.seq_of(later[0])
+        try:
+            chain = wal.chain(int(start))
+        except durability.RecoveryError as err:
+            if not discard:
+                raise
+            present = {wal.seq_of(p): p for p in segments}
+            chain, seq = [], int(start)
+            while seq in present:
+                chain.append(present[seq])
+                seq += 1
+            log.warning("DISCARDING: %s", err)
+            self._aside([p for p in segments if wal.seq_of(p) > int(start) and p not in chain],
+                        "after a missing segment")
+        replayed = 0
+        try:
+            for path, record in wal.read(chain):
+                if record.kind == "stage":
+                    if record.version_before == self.store.version:
+                        worker = record.meta.get("worker", "")
+                        self._staged[(worker, record.request_ids[0])] = _Staged(
+                            record.request_ids[0], None if record.meta.get("skipped") else record.grads)
+                        mine = [k for k in self._staged if k[0] == worker]
+                        for dropped in mine[:-_STAGINGS_PER_WORKER]:  # as _stage keeps them
+                            del self._staged[dropped]
                     continue
-                if version_before > self.store.version:
-                    raise RuntimeError(
-                        f"write-ahead log gap: next record is for version {version_before}, "
-                        f"state is at {self.store.version}")
-                self.store.apply(grads)
-                for rid in request_ids:
+                if record.version_before != self.store.version:
+                    raise durability.RecoveryError(
+                        f"write-ahead log {path}: the next update is for version "
+                        f"{record.version_before}, the state is at version {self.store.version}: the "
+                        f"updates in between are missing. {durability.DISCARD_HINT}")
+                round_ = self.store.version
+                self.store.apply(record.grads)
+                for rid in record.request_ids:
                     self._remember(rid, self.store.version)
+                if "members" in record.meta:
+                    self._decide(round_, record.meta["members"])
+                    self._staged.clear()
                 replayed += 1
-            if replayed:
-                log.info("replayed %d write-ahead log records, now at version %d",
-                         replayed, self.store.version)
-            self.wal.start_segment(self.store.version)
-            if replayed:
-                self.save_checkpoint()
+        except durability.RecoveryError as err:
+            if not discard:
+                raise
+            damage = getattr(err, "damage", None)
+            log.warning("DISCARDING: %s", err)
+            rest = chain[chain.index(damage.path) + 1:] if damage is not None else []
+            if damage is not None:
+                wal.cut(damage.path, damage.offset, "--discard-damaged-state: " + damage.reason)
+            self._aside(rest, "after a damaged record")
+        if replayed:
+            log.info("replayed %d write-ahead log records, now at version %d",
+                     replayed, self.store.version)
 
     # -- helpers ----------------------------------------------------------------------------
     def _remember(self, request_id: str, version: int) -> None:
@@ -145,10 +312,46 @@ class ShardService(pb_grpc.ParameterServerServicer):
         while len(self._dedup) > _DEDUP_CAPACITY:
             self._dedup.popitem(last=False)
 
-    def _receive(self, request_iterator, header_field: str, roles: frozenset, context):
-        """Read a client stream: (header, {(name, role): array}, bytes). Raises PSError."""
+    def _decide(self, round_: int, members: Dict[str, str]) -> None:
+        self._decisions[round_] = dict(members)
+        while len(self._decisions) > _DECISIONS_KEPT:
+            self._decisions.popitem(last=False)
+
+    def _expect_push(self, name: str, role: int, dtype: str, shape: Tuple[int, ...]) -> None:
+        """Refuse a declared gradient that does not fit the registered variable (before any
+        buffer is allocated for it)."""
+        spec = self.store.specs.get(name)
+        if spec is None:
+            raise WireError(f"gradient for unknown variable(s) {name_list([name])}", code="NOT_FOUND")
+        if role == pb.SPARSE_INDICES:
+            if dtype not in ("int32", "int64") or len(shape) != 1:
+                raise WireError(f"sparse gradient of {name!r}: indices must be a 1-d int32/int64 "
+                                f"array, got {dtype} of shape {shape}")
+            return
+        if dtype != spec.dtype:
+            raise WireError(f"gradient of {name!r} has dtype {dtype}, the variable is {spec.dtype}")
+        if role == pb.GRADIENT and tuple(shape) != tuple(spec.shape):
+            raise WireError(f"gradient of {name!r} has shape {tuple(shape)}, the variable has "
+                            f"{tuple(spec.shape)}")
+        if role == pb.SPARSE_VALUES and (not spec.shape or tuple(shape[1:]) != tuple(spec.shape[1:])):
+            raise WireError(f"sparse gradient of {name!r}: values have shape {tuple(shape)}, rows of "
+                            f"the variable have shape {tuple(spec.shape[1:])}")
+
+    def _expect_register(self, name: str, role: int, dtype: str, shape: Tuple[int, ...]) -> None:
+        if not self.store.registered:
+            return  # the first registration defines the variables (bounded by the budget)
+        spec = self.store.specs.get(name)
+        if spec is None or spec.dtype != dtype or tuple(spec.shape) != tuple(shape):
+            raise WireError(
+                f"the variables differ from the registered ones: {name!r} {dtype}{list(shape)} is "
+                "not registered" + ("" if spec is None else f" (registered: {spec.dtype}{list(spec.shape)})"),
+                code="FAILED_PRECONDITION")
+
+    def _receive(self, request_iterator, header_field: str, roles: frozenset, context, expect=None):
+        """Read a client stream: (header, {(name, role): array}, assembler). Raises PSError;
+        the caller releases ``assembler`` (its reservation in the in-flight budget)."""
         header = None
-        assembler = TensorAssembler(self.options.max_request_bytes, roles)
+        assembler = TensorAssembler(self.options.max_request_bytes, roles, expect, self.budget)
         received = 0
         try:
             for i, message in enumerate(request_iterator):
@@ -160,18 +363,28 @@ class ShardService(pb_grpc.ParameterServerServicer):
                     continue
                 if kind != "chunk":
                     raise PSError("INVALID_ARGUMENT", "only one header per stream")
-                received += len(message.chunk.data)
-                assembler.add(message.chunk)
+                received += assembler.add(message.chunk)
             if header is None:
                 raise PSError("INVALID_ARGUMENT", f"empty stream: no {header_field}")
             tensors = assembler.finish()
         except WireError as err:
-            raise PSError(err.code, str(err)) from err
+            assembler.release()
+            refusal = PSError(err.code, str(err))
+            refusal.header = header  # who sent it, for the log line
+            raise refusal from err
         except grpc.RpcError as err:  # the client went away mid-stream
+            assembler.release()
             raise PSError("CANCELLED", f"stream interrupted: {err}") from err
+        except PSError as err:
+            assembler.release()
+            err.header = header
+            raise
+        except BaseException:
+            assembler.release()
+            raise
         with self._cond:
             self.counters.bytes_received += received
-        return header, tensors
+        return header, tensors, assembler
 
     @staticmethod
     def _gradients(tensors) -> Dict[str, Gradient]:
@@ -197,21 +410,28 @@ class ShardService(pb_grpc.ParameterServerServicer):
         yield pb.PullResponse(header=header)
         sent = 0
         for name in names:
-            for message in chunk_tensor(pb, name, pb.VALUE, values[name], self.options.chunk_bytes,
-                                        wrap=pb.PullResponse):
-                sent += len(message.chunk.data)
-                yield message
+            yield from chunk_tensor(pb, name, pb.VALUE, values[name], self.options.chunk_bytes,
+                                    wrap=pb.PullResponse)
+            sent += values[name].nbytes  # (not len(chunk.data): each read copies the bytes)
+        # Let go of the snapshot now: while a view of a variable lives, the next step must copy
+        # the variable's buffer before updating it (copy-on-write).
+        values.clear()
         with self._cond:
             self.counters.bytes_sent += sent
 
     # -- Register ---------------------------------------------------------------------------
     def Register(self, request_iterator, context):
+        assembler = None
         try:
-            header, tensors = self._receive(request_iterator, "RegisterHeader",
-                                            frozenset({pb.VALUE}), context)
+            header, tensors, assembler = self._receive(request_iterator, "RegisterHeader",
+                                                       frozenset({pb.VALUE}), context,
+                                                       self._expect_register)
             return self._register(header, tensors)
         except PSError as err:
             _abort(context, err)
+        finally:
+            if assembler is not None:
+                assembler.release()
 
     def _register(self, header, tensors) -> "pb.RegisterResponse":
         opts = self.options
@@ -224,14 +444,19 @@ class ShardService(pb_grpc.ParameterServerServicer):
             placement = json.loads(header.placement_json) if header.placement_json else {}
         except json.JSONDecodeError as err:
             raise PSError("INVALID_ARGUMENT", f"placement_json is not JSON: {err}") from err
+        if not isinstance(placement, dict):
+            raise PSError("INVALID_ARGUMENT", "placement_json must be a JSON object")
         values = {name: array for (name, _), array in tensors.items()}
         specs = []
         for name in sorted(values):
             array = values[name]
             where = placement.get(name, {})
-            specs.append(VariableSpec(name, array.dtype.name, tuple(array.shape),
-                                      int(where.get("row_start", 0)),
-                                      int(where.get("total_rows", array.shape[0] if array.ndim else 0))))
+            try:
+                specs.append(VariableSpec(name, array.dtype.name, tuple(array.shape),
+                                          int(where.get("row_start", 0)),
+                                          int(where.get("total_rows", array.shape[0] if array.ndim else 0))))
+            except (TypeError, ValueError, AttributeError) as err:
+                raise PSError("INVALID_ARGUMENT", f"placement of {name!r} is malformed: {err}") from err
             if array.size and array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise PSError("INVALID_ARGUMENT", f"initial value of {name!r} holds NaN or Inf")
         with self._cond:
@@ -271,43 +496,83 @@ class ShardService(pb_grpc.ParameterServerServicer):
     # -- Push -------------------------------------------------------------------------------
     _PUSH_ROLES = frozenset({pb.GRADIENT, pb.SPARSE_VALUES, pb.SPARSE_INDICES})
 
+    def _receive_push(self, request_iterator, context):
+        with self._cond:
+            if not self.store.registered:
+                raise PSError("FAILED_PRECONDITION", "push before registration: call Register first")
+        return self._receive(request_iterator, "PushHeader", self._PUSH_ROLES, context,
+                             self._expect_push)
+
     def Push(self, request_iterator, context):
+        assembler = header = None
         try:
-            header, tensors = self._receive(request_iterator, "PushHeader", self._PUSH_ROLES, context)
-            version, step, skipped, duplicate = self._push(header, tensors)
-            return pb.PushResponse(version=version, step=step, skipped=skipped, duplicate=duplicate)
+            header, tensors, assembler = self._receive_push(request_iterator, context)
+            version, step, skipped, duplicate, staged = self._push(header, tensors, context)
+            return pb.PushResponse(version=version, step=step, skipped=skipped, duplicate=duplicate,
+                                   staged=staged)
         except PSError as err:
-            self._refused(context, err)
+            self._refused(context, err, header)
+        finally:
+            if assembler is not None:
+                assembler.release()
 
     def PushPull(self, request_iterator, context):
+        assembler = header = None
+        t0 = time.perf_counter()
         try:
-            header, tensors = self._receive(request_iterator, "PushHeader", self._PUSH_ROLES, context)
+            header, tensors, assembler = self._receive_push(request_iterator, context)
+            t1 = time.perf_counter()
             with self._cond:
                 self.store.check_names(list(header.pull_names))
-            version, step, skipped, duplicate = self._push(header, tensors)
+            version, step, skipped, duplicate, _ = self._push(header, tensors, context)
+            t2 = time.perf_counter()
             with self._cond:
                 names = self.store.check_names(list(header.pull_names))
                 values = self.store.read(names)
                 version, step = self.store.version, self.store.step
+            t3 = time.perf_counter()
+            del tensors  # the gradients are applied: free them before streaming the values
         except PSError as err:
-            self._refused(context, err)
+            self._refused(context, err, header)
+        finally:
+            if assembler is not None:
+                assembler.release()
         yield from self._stream_values(
             dict(version=version, step=step, skipped=skipped, duplicate=duplicate), names, values)
+        # Where a call's time went (bench/ps_throughput.py reads these with --log-level DEBUG).
+        log.debug("PushPull split ms: receive %.1f push %.1f snapshot %.1f send %.1f",
+                  1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2), 1e3 * (time.perf_counter() - t3))
 
-    def _push(self, header, tensors) -> Tuple[int, int, bool, bool]:
+    def _push(self, header, tensors, context) -> Tuple[int, int, bool, bool, bool]:
         grads = self._gradients(tensors)
         with self._cond:
             if header.request_id and header.request_id in self._dedup:
-                return self._dedup[header.request_id], self.store.step, False, True
+                return self._dedup[header.request_id], self.store.step, False, True, False
             finite = self.store.check_gradients(grads, self.options.nonfinite)
-        if self.options.mode == "sync":
-            return self._push_sync(header, grads if finite else None)
-        return self._push_async(header, grads if finite else None)
+        grads = grads if finite else None
+        if self.options.mode == "async":
+            if header.stage:
+                raise PSError("FAILED_PRECONDITION", "stage=true is for sync mode; this server is async")
+            return self._push_async(header, grads) + (False,)
+        if header.stage:
+            return self._stage(header.worker_id, header.base_version, header.request_id,
+                               grads) + (True,)
+        if self.options.num_shards > 1:
+            raise PSError(
+                "FAILED_PRECONDITION",
+                f"sync mode over {self.options.num_shards} shards needs the two-phase protocol "
+                "(stage on every shard, CommitRound on shard 0, ApplyRound on the others; "
+                "PSClient does this): a one-shot push could be applied on some shards only")
+        request_id = header.request_id or f"anonymous-{uuid.uuid4().hex}"
+        self._stage(header.worker_id, header.base_version, request_id, grads)
+        response = self._commit(header.base_version, header.worker_id, request_id, context)
+        with self._cond:
+            return response.version, response.step, grads is None, False, False
 
-    def _refused(self, context, err: PSError):
+    def _refused(self, context, err: PSError, header=None):
         with self._cond:
             self.counters.pushes_refused += 1
-        _abort(context, err)
+        _abort(context, _who(err, header if header is not None else getattr(err, "header", None)))
 
     def _push_async(self, header, grads) -> Tuple[int, int, bool, bool]:
         with self._cond:
@@ -317,6 +582,7 @@ class ShardService(pb_grpc.ParameterServerServicer):
                               f"gradients computed at version {header.base_version}, but this server "
                               f"is at version {version} (a restarted server without its state?)")
             staleness = version - header.base_version
+            self.metrics.staleness.observe(staleness)
             limit = self.options.max_staleness
             if 0 <= limit < staleness:
                 raise PSError("ABORTED",
@@ -332,70 +598,211 @@ class ShardService(pb_grpc.ParameterServerServicer):
             self.counters.pushes_applied += 1
             return self.store.version, self.store.step, False, False
 
-    def _push_sync(self, header, grads) -> Tuple[int, int, bool, bool]:
-        opts = self.options
-        worker = header.worker_id
-        request_id = header.request_id or f"anonymous-{id(header)}-{time.monotonic_ns()}"
+    # -- sync rounds: stage, commit (shard 0), apply -------------------------------------------
+    def _check_round_locked(self, round_: int) -> None:
+        version = self.store.version
+        if round_ < version:
+            raise PSError("ABORTED",
+                          f"sync round {round_} is already applied (server at version {version}); "
+                          "pull and recompute")
+        if round_ > version:
+            raise PSError("FAILED_PRECONDITION",
+                          f"shard behind: gradients for round {round_}, but shard "
+                          f"{self.options.shard_index} is at round {version} (the outcome of round "
+                          f"{version} has not reached it yet; PSClient delivers it and retries)")
+
+    def _stage(self, worker: str, round_: int, request_id: str, grads) -> Tuple[int, int, bool, bool]:
+        """Hold a push for its round (durably with --wal); nothing is applied."""
         if not worker:
             raise PSError("INVALID_ARGUMENT", "sync mode needs a worker_id in every push")
+        if not request_id:
+            raise PSError("INVALID_ARGUMENT", "sync mode needs a request_id in every push")
         with self._cond:
-            round_version = self.store.version
-            if header.base_version < round_version:
-                raise PSError("ABORTED",
-                              f"sync round {header.base_version} is already applied (server at version "
-                              f"{round_version}); pull and recompute")
-            if header.base_version > round_version:
+            self._check_round_locked(round_)
+            key = (worker, request_id)
+            if key not in self._staged:
+                # A worker re-stages after each abandoned attempt; keep its newest few. (The one
+                # shard 0 holds as ready for a decision is never dropped there; a worker's older
+                # push can only be in a decision until its newer one is committed.)
+                ready = self._ready.get(worker)
+                mine = [k for k in self._staged if k[0] == worker
+                        and (ready is None or k[1] != ready.request_id)]
+                while len(mine) >= _STAGINGS_PER_WORKER:
+                    dropped = mine.pop(0)
+                    del self._staged[dropped]
+                    log.info("round %d: dropped worker %s's older staged push %s", round_, worker,
+                             dropped[1])
+                if self.wal is not None:
+                    with self.metrics.wal_fsync_seconds.time():
+                        self.wal.append(round_, [request_id], grads or {}, kind="stage",
+                                        worker=worker, skipped=grads is None)
+                self._staged[key] = _Staged(request_id, grads)
+            return self.store.version, self.store.step, grads is None, False
+
+    def CommitRound(self, request, context):
+        try:
+            if request.query_only:
+                return self._outcome(request.round)
+            return self._commit(request.round, request.worker_id, request.request_id, context)
+        except PSError as err:
+            _abort(context, _who(err, request))
+
+    def _members_pb(self, members: Dict[str, str]):
+        return [pb.RoundMember(worker_id=w, request_id=r) for w, r in sorted(members.items())]
+
+    def _outcome(self, round_: int):
+        with self._cond:
+            self._only_coordinator()
+            if round_ >= self.store.version:
+                return pb.CommitRoundResponse(
+                    outcome=pb.CommitRoundResponse.PENDING, round=round_,
+                    members=self._members_pb({w: r.request_id for w, r in self._ready.items()}),
+                    version=self.store.version, step=self.store.step)
+            members = self._decisions.get(round_)
+            if members is None:
                 raise PSError("FAILED_PRECONDITION",
-                              f"gradients for round {header.base_version}, but the server is at round "
-                              f"{round_version}")
-            self._pending[worker] = _Pending(request_id, grads)
+                              f"the outcome of round {round_} is no longer kept (the last "
+                              f"{_DECISIONS_KEPT} rounds are)")
+            return pb.CommitRoundResponse(outcome=pb.CommitRoundResponse.COMMITTED, round=round_,
+                                          members=self._members_pb(members),
+                                          version=self.store.version, step=self.store.step)
+
+    def _only_coordinator(self) -> None:
+        if self.options.mode != "sync":
+            raise PSError("FAILED_PRECONDITION", "sync rounds on an async server")
+        if self.options.shard_index != 0:
+            raise PSError("FAILED_PRECONDITION",
+                          f"shard 0 coordinates sync rounds; this is shard {self.options.shard_index}")
+
+    def _committed_or_not(self, round_: int, worker: str, request_id: str):
+        """After round_ is decided: COMMITTED for a member, ABORTED (precisely) for others."""
+        response = self._outcome(round_)
+        members = {m.worker_id: m.request_id for m in response.members}
+        if members.get(worker) == request_id:
+            return response
+        if worker in members:
+            raise PSError("ABORTED",
+                          f"round {round_} was committed with another push of worker {worker!r} "
+                          f"(request {members[worker]!r}, not {request_id!r}); pull and recompute")
+        raise PSError("ABORTED", f"round {round_} was committed without worker {worker!r} (members "
+                                 f"{name_list(sorted(members))}); pull and recompute")
+
+    def _commit(self, round_: int, worker: str, request_id: str, context):
+        opts = self.options
+        with self._cond:
+            self._only_coordinator()
+            if not worker or not request_id:
+                raise PSError("INVALID_ARGUMENT", "CommitRound needs worker_id and request_id")
+            if round_ < self.store.version:
+                return self._committed_or_not(round_, worker, request_id)
+            self._check_round_locked(round_)
+            if (worker, request_id) not in self._staged:
+                raise PSError("FAILED_PRECONDITION",
+                              f"push {request_id!r} of worker {worker!r} is not staged on shard 0 for "
+                              f"round {round_} (lost in a restart without --wal?); stage it again")
+            earlier = self._ready.get(worker)
+            if earlier is not None and earlier.request_id != request_id:
+                alive = earlier.context is not None and earlier.context.is_active()
+                if alive:
+                    raise PSError(
+                        "ALREADY_EXISTS",
+                        f"worker id {worker!r} is already in round {round_} with push "
+                        f"{earlier.request_id!r} from a call that is still waiting; two processes "
+                        "share this worker id (worker ids must be unique per process)")
+                log.info("round %d: worker %s replaced (push %s instead of %s from a call that "
+                         "went away)", round_, worker, request_id, earlier.request_id)
+            self._ready[worker] = _Ready(request_id, context)
             generation = self._generation
-            if len(self._pending) >= opts.num_workers:
-                self._finish_round_locked()
+            if len(self._ready) >= opts.num_workers:
+                self._commit_locked(round_)
             deadline = time.monotonic() + opts.sync_timeout
             while self._generation == generation:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    have = sorted(self._pending)
-                    reason = (f"sync round {round_version} timed out after {opts.sync_timeout:g}s: "
-                              f"{len(have)} of {opts.num_workers} workers pushed ({', '.join(have)}); "
-                              "the others never came. Nothing was applied; pull and push again")
+                    have = sorted(self._ready)
+                    reason = (f"sync round {round_} timed out after {opts.sync_timeout:g}s: "
+                              f"{len(have)} of {opts.num_workers} workers pushed ({', '.join(have[:10])}"
+                              f"{', ...' if len(have) > 10 else ''}); the others never came. Nothing "
+                              "was applied on any shard; pull and push again")
                     self._abandon_round_locked(reason)
+                    self.metrics.sync_round_timeouts.inc()
                     raise PSError("DEADLINE_EXCEEDED", reason)
                 self._cond.wait(left)
-            if request_id in self._dedup:
-                return self._dedup[request_id], self.store.step, grads is None, False
+            if self.store.version > round_:
+                return self._committed_or_not(round_, worker, request_id)
             reason = self._abandoned.get(generation + 1, "the sync round was abandoned")
             raise PSError("ABORTED", reason)
 
     def _abandon_round_locked(self, reason: str) -> None:
-        self._pending.clear()
+        self._ready.clear()
         self._generation += 1
         self._abandoned[self._generation] = reason
         for old in [g for g in self._abandoned if g < self._generation - 100]:
             del self._abandoned[old]
         self._cond.notify_all()
 
-    def _finish_round_locked(self) -> None:
-        contributions = [p for _, p in sorted(self._pending.items()) if p.grads is not None]
-        request_ids = [p.request_id for p in self._pending.values()]
-        skipped = len(self._pending) - len(contributions)
+    def _commit_locked(self, round_: int) -> None:
+        members = {w: r.request_id for w, r in sorted(self._ready.items())}
+        self._apply_round_locked(round_, members)
+
+    def _apply_round_locked(self, round_: int, members: Dict[str, str]) -> None:
+        missing = sorted(w for w, rid in members.items() if (w, rid) not in self._staged)
+        if missing:
+            raise PSError("FAILED_PRECONDITION",
+                          f"round {round_}: shard {self.options.shard_index} does not hold the staged "
+                          f"pushes of {name_list(missing)} (lost in a restart without --wal?); this "
+                          "shard cannot apply the round")
+        staged = [self._staged[(w, members[w])] for w in sorted(members)]
+        contributions = [s for s in staged if s.grads is not None]
         merged = average(c.grads for c in contributions)
-        if merged:
-            self._apply_locked(merged, request_ids)
-            self.counters.pushes_applied += len(contributions)
-        else:  # every gradient was non-finite (or empty): the round passes without a step
-            for rid in request_ids:
-                self._remember(rid, self.store.version)
-        self.counters.pushes_skipped += skipped
-        self._pending.clear()
+        request_ids = [members[w] for w in sorted(members)]
+        self._apply_locked(merged, request_ids, members=members)
+        self.counters.pushes_applied += len(contributions)
+        self.counters.pushes_skipped += len(staged) - len(contributions)
+        self._decide(round_, members)
+        self._staged.clear()
+        self._ready.clear()
         self._generation += 1
         self._cond.notify_all()
 
-    def _apply_locked(self, grads: Dict[str, Gradient], request_ids: List[str]) -> None:
+    def ApplyRound(self, request, context):
+        try:
+            return self._apply_round(request)
+        except PSError as err:
+            _abort(context, err)
+
+    def _apply_round(self, request):
+        members = {m.worker_id: m.request_id for m in request.members}
+        with self._cond:
+            if self.options.mode != "sync":
+                raise PSError("FAILED_PRECONDITION", "sync rounds on an async server")
+            if len(members) != len(request.members) or len(members) != self.options.num_workers:
+                raise PSError("INVALID_ARGUMENT",
+                              f"a round has {self.options.num_workers} distinct members, got "
+                              f"{len(request.members)}")
+            version = self.store.version
+            if request.round < version:
+                known = self._decisions.get(request.round)
+                if known is not None and known != members:
+                    raise PSError("FAILED_PRECONDITION",
+                                  f"round {request.round} was applied here with other members")
+                return pb.PushResponse(version=version, step=self.store.step, duplicate=True)
+            if self.options.shard_index == 0:
+                raise PSError("FAILED_PRECONDITION",
+                              "shard 0 decides rounds itself (CommitRound); ApplyRound is for the others")
+            if request.round > version:
+                raise PSError("FAILED_PRECONDITION",
+                              f"shard behind: round {request.round}, but this shard is at round "
+                              f"{version}; deliver the rounds in between first")
+            self._apply_round_locked(request.round, members)
+            return pb.PushResponse(version=self.store.version, step=self.store.step)
+
+    def _apply_locked(self, grads: Dict[str, Gradient], request_ids: List[str], **extra) -> None:
         if self.wal is not None:
-            self.wal.append(self.store.version, request_ids, grads)
-        self.store.apply(grads)
+            with self.metrics.wal_fsync_seconds.time():
+                self.wal.append(self.store.version, request_ids, grads, **extra)
+        with self.metrics.apply_seconds.time():
+            self.store.apply(grads)
         for rid in request_ids:
             self._remember(rid, self.store.version)
 
@@ -432,14 +839,20 @@ class ShardService(pb_grpc.ParameterServerServicer):
                 if self.options.checkpoint_dir is None or not self.store.registered:
                     return None, self.store.version, ""
                 meta, arrays = self._export_locked()
-            return self._write_checkpoint(meta, arrays)
+            with self.metrics.checkpoint_seconds.time():
+                return self._write_checkpoint(meta, arrays)
 
     def _export_locked(self) -> Tuple[dict, dict]:
         meta, arrays = self.store.export_state()
         meta.update(shard_index=self.options.shard_index, num_shards=self.options.num_shards,
-                    placement=self.placement, dedup=list(self._dedup.items())[-10_000:])
+                    placement=self.placement, dedup=list(self._dedup.items())[-10_000:],
+                    decisions=[[r, m] for r, m in list(self._decisions.items())[-1000:]])
         if self.wal is not None:  # later records go to a segment that starts here
             self.wal.start_segment(self.store.version)
+            meta["wal_segment"] = self.wal.seq
+            for (worker, rid), staged in self._staged.items():  # they live on in the new segment
+                self.wal.append(self.store.version, [rid], staged.grads or {}, kind="stage",
+                                worker=worker, skipped=staged.grads is None)
         return meta, arrays
 
     def _write_checkpoint(self, meta: dict, arrays: dict) -> Tuple[Path, int, str]:
@@ -460,6 +873,9 @@ class ShardService(pb_grpc.ParameterServerServicer):
         with self._cond:
             if self.wal is not None:
                 self.wal.close()
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
 
 def average(pushes: Iterable[Dict[str, Gradient]]) -> Dict[str, Gradient]:

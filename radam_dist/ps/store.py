@@ -21,10 +21,18 @@ import tensorflow as tf
 
 from radam_dist.ps import optimizer_config
 from radam_dist.ps.errors import PSError
+from radam_dist.ps.tensors import ALIGNMENT
 
 log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+
+def name_list(names: Sequence[str], limit: int = 5) -> str:
+    """At most ``limit`` names and a count: error messages stay small for any request."""
+    names = list(names)
+    shown = ", ".join(repr(n[:100]) for n in names[:limit])
+    return f"[{shown}{f', ... {len(names) - limit} more' if len(names) > limit else ''}] ({len(names)})"
 
 
 class Gradient(NamedTuple):
@@ -56,6 +64,24 @@ def specs_to_json(specs: Sequence[VariableSpec]) -> list:
 
 def specs_from_json(items: list) -> List[VariableSpec]:
     return [VariableSpec(**dict(i, shape=tuple(i["shape"]))) for i in items]
+
+
+_SHARED_DTYPES = frozenset({"float16", "float32", "float64"})
+
+
+def _as_tensor(array: np.ndarray) -> tf.Tensor:
+    """A tensor for a dense gradient: the array's own memory where that is safe (C-contiguous,
+    aligned the way TensorFlow's kernels expect, a dtype DLPack carries), else a copy.
+
+    The received gradient is not touched again while the step runs, and the tensor keeps the
+    array alive, so sharing changes no value; it saves one pass over the gradient."""
+    if (array.dtype.name in _SHARED_DTYPES and array.ndim and array.size and array.flags.c_contiguous
+            and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0):
+        try:
+            return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+        except (BufferError, TypeError, ValueError, RuntimeError):  # older numpy / TF: copy
+            pass
+    return tf.constant(array)
 
 
 class ParameterStore:
@@ -90,10 +116,11 @@ class ParameterStore:
                 )
         if not self.registered:
             return canonical
-        if job_id and self.job_id and job_id != self.job_id:
+        if job_id != self.job_id:  # "" is a job id like any other: no hole for "" vs "x"
             raise PSError(
                 "FAILED_PRECONDITION",
-                f"this server holds job {self.job_id!r}; refusing a registration for job {job_id!r}",
+                f"this server holds job {self.job_id!r}; refusing a registration for job {job_id!r} "
+                "(a registration must carry exactly the job id of the first one)",
             )
         if canonical != self.config_json:
             raise PSError(
@@ -107,7 +134,8 @@ class ParameterStore:
             raise PSError(
                 "FAILED_PRECONDITION",
                 "the variables differ from the registered ones: "
-                f"only registered {sorted(mine - theirs)}, only in this request {sorted(theirs - mine)}",
+                f"only registered {name_list(sorted(map(str, mine - theirs)), 3)}, only in this "
+                f"request {name_list(sorted(map(str, theirs - mine)), 3)}",
             )
         return canonical
 
@@ -149,11 +177,22 @@ class ParameterStore:
             raise PSError("FAILED_PRECONDITION", "no variables are registered on this server yet")
         unknown = [n for n in names if n not in self._vars]
         if unknown:
-            raise PSError("NOT_FOUND", f"unknown variable(s) {unknown}; known: {self._order}")
+            raise PSError("NOT_FOUND", f"unknown variable(s) {name_list(unknown)}; known: "
+                                       f"{name_list(self._order)}")
         return list(names) if names else list(self._order)
 
     def read(self, names: Sequence[str]) -> Dict[str, np.ndarray]:
-        return {n: self._vars[n].value.numpy() for n in names}
+        """A consistent snapshot of ``names`` without copying: read-only numpy views of the
+        tensors the variables hold now. The views keep those buffers alive, and TensorFlow
+        copies a variable's buffer before updating it while anyone else holds it, so a later
+        step never shows through (tests/test_ps_zero_copy.py)."""
+        out = {}
+        for n in names:
+            # (np.asarray of the variable itself would copy: it goes through .numpy())
+            view = np.asarray(tf.convert_to_tensor(self._vars[n])).view()
+            view.flags.writeable = False
+            out[n] = view
+        return out
 
     # -- updates ------------------------------------------------------------------------------
     def check_gradients(self, grads: Dict[str, Gradient], nonfinite: str = "reject") -> bool:
@@ -165,7 +204,7 @@ class ParameterStore:
             return True
         unknown = sorted(n for n in grads if n not in self._vars)
         if unknown:
-            raise PSError("NOT_FOUND", f"gradient for unknown variable(s) {unknown}")
+            raise PSError("NOT_FOUND", f"gradient for unknown variable(s) {name_list(unknown)}")
         finite = True
         for name, grad in grads.items():
             spec = self.specs[name]
@@ -214,7 +253,14 @@ class ParameterStore:
         return finite
 
     def apply(self, grads: Dict[str, Gradient]) -> int:
-        """One optimizer step with already-validated gradients; returns the new version."""
+        """One optimizer step with already-validated gradients; returns the new version.
+
+        Without gradients (a sync round whose pushes carry nothing for this shard, or only
+        skipped non-finite ones) the version advances and no step is taken, so every shard
+        counts the same rounds."""
+        if not grads:
+            self.version += 1
+            return self.version
         names = tuple(sorted(grads))
         fn = self._functions.get(names)
         if fn is None:
@@ -235,7 +281,7 @@ class ParameterStore:
                     tf.constant(self.specs[name].shape, dtype=tf.int64),
                 ))
             else:
-                tensors.append(tf.constant(grad.values))
+                tensors.append(_as_tensor(grad.values))
         fn(tensors)
         self.version += 1
         return self.version
