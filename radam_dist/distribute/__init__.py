@@ -18,9 +18,26 @@ from radam_dist.distribute.cluster import (
     strategy_from_environment,
     tf_config,
 )
-from radam_dist.distribute.keras_fit import enable_multi_worker_fit
 from radam_dist.distribute.launcher import LocalCluster, launch
-from radam_dist.distribute.pss import describe_placement, expand_sharded, is_sharded
+
+# TensorFlow-heavy parts load on first use: `radam-dist launch` imports this package, and the
+# launcher itself must not pay for (or exit through) TensorFlow.
+_LAZY = {
+    "enable_multi_worker_fit": "radam_dist.distribute.keras_fit",
+    "describe_placement": "radam_dist.distribute.pss",
+    "expand_sharded": "radam_dist.distribute.pss",
+    "is_sharded": "radam_dist.distribute.pss",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'radam_dist.distribute' has no attribute {name!r}")
 
 __all__ = [
     "LocalCluster",

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 if TYPE_CHECKING:  # the launcher imports this module and must not pay for TensorFlow
     import tensorflow as tf
@@ -34,21 +34,43 @@ def free_loopback_ports(count: int, host: str = "127.0.0.1") -> List[int]:
         return [sock.getsockname()[1] for sock in sockets]
 
 
-def local_cluster_spec(workers: int, ps: int = 0, host: str = "127.0.0.1") -> Dict[str, List[str]]:
-    """A cluster of ``workers`` workers on free loopback ports, plus, when ``ps`` > 0, that
-    many parameter servers and the one chief (the ClusterCoordinator) that PSS needs."""
+def task_names(workers: int, ps: int = 0) -> List[str]:
+    """``chief:0`` (PSS only), ``worker:0``..., ``ps:0``...: the tasks of a local cluster."""
+    return ((["chief:0"] if ps else []) + [f"worker:{i}" for i in range(workers)]
+            + [f"ps:{i}" for i in range(ps)])
+
+
+def local_cluster_spec(workers: int, ps: int = 0, host: str = "127.0.0.1",
+                       placements: Optional[Dict[str, Tuple[str, str]]] = None
+                       ) -> Dict[str, List[str]]:
+    """A cluster of ``workers`` workers on free ports of ``host``, plus, when ``ps`` > 0, that
+    many parameter servers and the one chief (the ClusterCoordinator) that PSS needs.
+
+    ``placements`` maps a task (``"worker:1"``) to ``(network namespace, address)``: that
+    task's port is chosen free on that address inside that namespace (see ``netns``).
+    """
     if workers < 1:
         raise ValueError(f"a cluster needs at least one worker, got workers={workers}")
     if ps < 0:
         raise ValueError(f"ps must be >= 0, got {ps}")
-    n_chief = 1 if ps else 0
-    ports = iter(free_loopback_ports(workers + ps + n_chief, host))
+    names = task_names(workers, ps)
+    placements = dict(placements or {})
+    unknown = sorted(set(placements) - set(names))
+    if unknown:
+        raise ValueError(f"no task {', '.join(unknown)} in this cluster "
+                         f"(tasks: {', '.join(names)})")
+    local = [n for n in names if n not in placements]
+    ports = iter(free_loopback_ports(len(local), host))
+    address = {n: f"{host}:{next(ports)}" for n in local}
+    if placements:
+        from radam_dist.distribute import netns
+
+        for name, (namespace, addr) in placements.items():
+            address[name] = f"{addr}:{netns.free_ports_in(namespace, addr, 1)[0]}"
     spec: Dict[str, List[str]] = {}
-    if n_chief:
-        spec["chief"] = [f"{host}:{next(ports)}"]
-    spec["worker"] = [f"{host}:{next(ports)}" for _ in range(workers)]
-    if ps:
-        spec["ps"] = [f"{host}:{next(ports)}" for _ in range(ps)]
+    for name in names:
+        task_type = name.split(":")[0]
+        spec.setdefault(task_type, []).append(address[name])
     return spec
 
 
