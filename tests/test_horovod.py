@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from horovod_helpers import load_npz as _load
+from horovod_helpers import run_job
+
 pytestmark = pytest.mark.horovod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,27 +32,6 @@ LOOP_SCENARIOS = ["radam", "lookahead", "sgd", "loss_scale", "sparse_as_dense", 
 COMPRESSED = {"fp16", "bf16"}
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Kill horovodrun and every process it started (by pid), if still alive."""
-    import psutil
-
-    try:
-        parent = psutil.Process(proc.pid)
-        family = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        family = []
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        os.killpg(proc.pid, 9)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
 def horovodrun(np_: int, *worker_args: str, timeout: float = 240):
     """Run the worker under horovodrun; returns (returncode, output, seconds)."""
     cmd = [
@@ -57,20 +39,7 @@ def horovodrun(np_: int, *worker_args: str, timeout: float = 240):
         sys.executable, str(WORKER), *worker_args,
     ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        start_new_session=True, cwd=ROOT,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc)
-        raise
-    finally:
-        if proc.poll() is None:
-            _kill_tree(proc)
-    return proc.returncode, out, time.monotonic() - start
+    return run_job(cmd, env, ROOT, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +48,6 @@ def main_run(tmp_path_factory):
     rc, log, _ = horovodrun(2, "main", "--out", str(out))
     assert rc == 0, log[-4000:]
     return out
-
-
-def _load(path: Path) -> dict:
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
 
 
 def _assert_identical(a: dict, b: dict) -> None:

@@ -5,6 +5,11 @@ The collective behaviour is tested under horovodrun in test_horovod.py.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import keras
 import numpy as np
 import pytest
@@ -15,7 +20,6 @@ from radam_dist.horovod import (
     LearningRateScaleWarmup,
     MetricAverage,
     RootRankOnly,
-    broadcast_state,
     standard_callbacks,
     unwrap,
 )
@@ -75,14 +79,27 @@ def test_state_is_the_wrapped_optimizers():
     assert np.isclose(float(inner.learning_rate), 0.5)
 
 
+@pytest.mark.timeout(120)
 def test_broadcast_state_needs_hvd_init():
-    import horovod.tensorflow as hvd
-
-    if hvd.is_initialized():  # pragma: no cover - only without a launcher
-        pytest.skip("horovod already initialized in this process")
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    with pytest.raises(RuntimeError, match="hvd.init"):
-        broadcast_state(model, RectifiedAdam())
+    """In a fresh process (this one may have called hvd.init() already, once for good)."""
+    code = textwrap.dedent(
+        """
+        import keras
+        from radam_dist import RectifiedAdam
+        from radam_dist.horovod import broadcast_state
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        try:
+            broadcast_state(model, RectifiedAdam())
+        except RuntimeError as exc:
+            print("refused:", exc)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refused:" in out.stdout and "hvd.init" in out.stdout, out.stdout + out.stderr[-3000:]
 
 
 def test_lr_warmup_formula_and_checks():
@@ -116,16 +133,24 @@ def test_callback_order_and_root_rank_wrapper():
     assert isinstance(callbacks[2], MetricAverage)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def hvd_one_process():
-    """Horovod initialised as a single process (no launcher): size 1, so no communication."""
+    """Horovod initialised as a single process (no launcher): size 1, so no communication.
+
+    Once per pytest process and never shut down here: on a Horovod built with MPI,
+    ``hvd.shutdown()`` finalizes MPI, which cannot start again in the same process (the next
+    ``hvd.init()`` aborts the whole interpreter). Horovod shuts down at exit by itself.
+    """
+    return hvd_initialized_once()
+
+
+def hvd_initialized_once():
     import horovod.tensorflow as hvd
 
-    hvd.init()
-    try:
-        yield hvd
-    finally:
-        hvd.shutdown()
+    if not hvd.is_initialized():
+        hvd.init()
+    assert hvd.size() == 1, "the in-process Horovod tests expect a single process"
+    return hvd
 
 
 @pytest.mark.timeout(120)
@@ -170,3 +195,133 @@ def test_backward_passes_accumulate_the_mean(hvd_one_process, compiled):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
     for wa, wb in zip(opt_a.get_weights(), opt_b.get_weights()):  # iterations, m, v, vhat
         np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-7)
+
+
+# -- radam_dist.horovod.elastic in one process (the elastic jobs: test_horovod_elastic.py) ---
+def _elastic_case(kind: str):
+    model = keras.Sequential(
+        [keras.Input((4,)),
+         keras.layers.Dense(3, kernel_initializer=keras.initializers.GlorotUniform(seed=3))]
+    )
+    if kind == "radam":
+        opt = RectifiedAdam(0.05, amsgrad=True, weight_decay=1e-3)
+    elif kind == "lookahead":
+        opt = Lookahead(RectifiedAdam(0.05), sync_period=2)
+    elif kind == "distributed_bpps3":
+        opt = DistributedOptimizer(Lookahead(RectifiedAdam(0.05)), backward_passes_per_step=3)
+    else:
+        opt = keras.optimizers.Adam(0.05)
+    return model, opt
+
+
+def _train(model, opt, steps: int, seed: int) -> None:
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        x = rng.normal(size=(5, 4)).astype("float32")
+        y = rng.normal(size=(5, 3)).astype("float32")
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean(keras.ops.square(model(x) - y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["radam", "lookahead", "distributed_bpps3", "keras_adam"])
+def test_elastic_state_commit_restore_is_bit_identical(hvd_one_process, kind):
+    """Commit after 4 steps, train 5 more (every variable moves), restore: every model and
+    optimizer variable (iterations, m, v, vhat, slow, accumulators) comes back bit for bit,
+    and so do the Python values; sync (size 1) keeps them."""
+    from radam_dist.horovod import elastic
+
+    model, opt = _elastic_case(kind)
+    _train(model, opt, 4, seed=0)
+    state = elastic.KerasState(model, opt, epoch=2, step=4)
+    assert len(state.variables) == len(model.variables) + len(opt.variables)
+    state.commit()
+    committed = [v.numpy().copy() for v in state.variables]
+    _train(model, opt, 5, seed=1)
+    state.epoch, state.step = 3, 9
+    moved = [not np.array_equal(a, v.numpy()) for a, v in zip(committed, state.variables)]
+    assert sum(moved) >= len(model.trainable_variables) + 2, moved  # weights, iterations, slots
+    state.restore()
+    for a, v in zip(committed, state.variables):
+        assert a.dtype == v.numpy().dtype and a.tobytes() == v.numpy().tobytes(), v.name
+    assert (state.epoch, state.step, state.restores) == (2, 4, 1)
+    state.sync()
+    for a, v in zip(committed, state.variables):
+        assert a.tobytes() == v.numpy().tobytes(), v.name
+
+
+def test_elastic_state_and_callback_refuse_what_they_cannot_keep(hvd_one_process):
+    from radam_dist.horovod import elastic
+
+    model, opt = _elastic_case("radam")
+    with pytest.raises(ValueError, match="optimizer"):
+        elastic.KerasState(model)  # not compiled, no optimizer given
+    with pytest.raises(ValueError, match="taken"):
+        elastic.KerasState(model, opt, restores=1)
+    with pytest.raises(ValueError, match="epoch=0"):
+        elastic.CommitState(elastic.KerasState(model, opt, step=0))
+    with pytest.raises(ValueError, match="positive"):
+        elastic.CommitState(elastic.KerasState(model, opt, epoch=0), epochs_per_commit=0)
+
+
+def test_elastic_recognises_every_horovod_collective_failure(hvd_one_process):
+    """Grouped ops too (hvd.elastic.run knows only HorovodAllreduce/Allgather/Broadcast and
+    swallows the rest); other errors pass through unchanged."""
+    import tensorflow as tf
+
+    from radam_dist.horovod import elastic
+
+    for op in ("HorovodGroupedAllreduce", "HorovodGroupedAllgather", "HorovodAllreduce",
+               "HorovodBroadcast", "HorovodAlltoall", "HorovodReducescatter"):
+        error = tf.errors.UnknownError(None, None, f"Read error [[{{{{node {op}_grads_0}}}}]]")
+        assert elastic.is_collective_failure(error), op
+        with pytest.raises(elastic.HorovodInternalError):
+            with elastic._collective_failures_as_internal_errors():
+                raise error
+    plain = tf.errors.InvalidArgumentError(None, None, "Incompatible shapes: [2] vs. [3]")
+    assert not elastic.is_collective_failure(plain)
+    assert not elastic.is_collective_failure(ValueError("HorovodAllreduce"))
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        with elastic._collective_failures_as_internal_errors():
+            raise plain
+
+
+def test_elastic_run_lets_other_errors_through(hvd_one_process):
+    from radam_dist.horovod import elastic
+
+    model, opt = _elastic_case("radam")
+    state = elastic.KerasState(model, opt, step=0)
+
+    @elastic.run
+    def train(state):
+        state.step += 1
+        raise ZeroDivisionError("a bug in the training function")
+
+    with pytest.raises(ZeroDivisionError):
+        train(state)
+    assert state.restores == 0
+
+
+def test_elastic_function_retraces_after_a_reset(hvd_one_process, monkeypatch):
+    """A new Horovod generation (after shutdown/init) or a new size means a new trace."""
+    import tensorflow as tf
+
+    from radam_dist.horovod import elastic
+
+    traces = []
+
+    @elastic.function
+    def f(x):
+        traces.append(1)
+        return x + 1
+
+    f(tf.constant(1.0)), f(tf.constant(2.0))
+    assert len(traces) == 1
+    monkeypatch.setattr(elastic, "_generation", elastic.generation() + 1)
+    assert float(f(tf.constant(3.0))) == 4.0 and len(traces) == 2
+    f(tf.constant(4.0))
+    assert len(traces) == 2

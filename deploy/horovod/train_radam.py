@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train a Keras 3 model with RectifiedAdam (optionally inside Lookahead) under Horovod.
 
-Copy this file and replace ``make_dataset`` / ``make_model`` with your own. Run it with
+Copy this file and replace ``make_dataset`` / ``make_model`` (example_problem.py, shared with
+train_elastic.py) with your own. Run it with
 one process per device, e.g. ``horovodrun --gloo -np 2 -H localhost:2 python train_radam.py``
 (see run_local.sh, run_hostfile.sh, run_mpirun.sh). What makes it correct under Horovod:
 
@@ -35,6 +36,8 @@ import tensorflow as tf  # noqa: E402
 from radam_dist import Lookahead, RectifiedAdam  # noqa: E402
 from radam_dist.horovod import DistributedOptimizer, standard_callbacks  # noqa: E402
 
+from example_problem import make_dataset, make_model  # noqa: E402  (next to this file)
+
 log = logging.getLogger("train_radam")
 
 
@@ -59,31 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", default="checkpoints", help="rank 0 writes here")
     p.add_argument("--out", default=None, help="write summary.json (and rank digests) here")
     p.add_argument("--threads", type=int, default=0, help="TF threads per rank (0: TF decides)")
+    p.add_argument(
+        "--seed", type=int, default=None,
+        help="seed Python, NumPy and Keras (the initial weights): two launches with the same "
+             "seed, ranks and options train the same weights (Gloo or MPI alike)",
+    )
     return p.parse_args(argv)
 
 
-# -- replace these two with your own -----------------------------------------------------------
-def make_dataset(samples: int, seed: int = 0):
-    """A synthetic 10-class problem (no download): the label depends nonlinearly on x."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(samples, 32)).astype("float32")
-    w = rng.normal(size=(32, 10)).astype("float32")
-    y = np.argmax(np.tanh(x @ w) + 0.1 * rng.normal(size=(samples, 10)), axis=1)
-    return x, y.astype("int32")
-
-
-def make_model() -> keras.Model:
-    return keras.Sequential(
-        [
-            keras.Input((32,)),
-            keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
-
-
-# ----------------------------------------------------------------------------------------------
 def shard(arrays, rank: int, size: int):
     """Rank ``rank``'s interleaved share: rows rank, rank + size, rank + 2 * size, ..."""
     return [a[rank::size] for a in arrays]
@@ -118,6 +104,9 @@ def main(argv=None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[rank {rank}] %(message)s",
     )
+    if args.seed is not None:
+        # The same seed on every rank; the broadcast makes rank 0's initial weights win anyway.
+        keras.utils.set_random_seed(args.seed)
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
@@ -169,6 +158,8 @@ def main(argv=None) -> int:
         if rank == 0:
             summary = {
                 "ranks": size,
+                "controller": "mpi" if hvd.mpi_enabled() else "gloo",
+                "seed": args.seed,
                 "epochs": args.epochs,
                 "initial_epoch": initial_epoch,
                 "steps": int(model.optimizer.iterations.numpy()),

@@ -13,6 +13,8 @@ without averaging; its broadcasts raise on ``keras.Variable``). Use these instea
               verbose=1 if hvd.rank() == 0 else 0)
 
 Importing this package imports TensorFlow but not Horovod; Horovod is imported on first use.
+Elastic Horovod (workers that die or join): ``from radam_dist.horovod import elastic``
+(``KerasState``, ``run``, ``function``, ``CommitState``; see docs/HOROVOD.md).
 """
 
 from radam_dist.horovod.broadcast import broadcast_state
