@@ -1,6 +1,6 @@
 # radam_dist: two commands matter, `make demo` and `make test`.
 # Each builds .venv from nothing (Python 3.11, versions pinned in requirements.txt)
-# and refreshes it when requirements.txt or setup.py change.
+# and refreshes it when requirements.txt or pyproject.toml change.
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -15,7 +15,7 @@ help:  ## list the targets
 
 venv: $(STAMP)  ## create or refresh .venv
 
-$(STAMP): requirements.txt requirements-nodeps.txt setup.py
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml build_hooks.py
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r requirements.txt
@@ -43,4 +43,4 @@ tfa-reference: $(TFA_VENV)/.installed  ## regenerate tests/data/tfa_reference.js
 	$(TFA_VENV)/bin/python tests/data/make_tfa_reference.py --out tests/data/tfa_reference.json
 
 clean:  ## remove build outputs (keeps .venv)
-	rm -rf out build *.egg-info .pytest_cache
+	rm -rf out build dist *.egg-info .pytest_cache

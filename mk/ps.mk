@@ -1,6 +1,8 @@
-# Parameter server (radam_dist/ps): generate the gRPC stubs from protos/ at build time.
-# The stubs are git-ignored; radam_dist.ps.protogen also generates them lazily on first import,
-# so an editable install works without this step.
+# Parameter server (radam_dist/ps): generate the gRPC stubs from protos/ into the checkout.
+# The stubs are git-ignored. In a source checkout radam_dist.ps.protogen also regenerates missing
+# or stale ones on first import, so an editable install works without this step. A wheel
+# (`python -m build`, pyproject.toml) gets them from build_hooks.py at build time; an installed
+# package never writes them.
 
 PS_PROTO     := protos/radam_dist/ps/v1/ps.proto
 PS_GENERATED := radam_dist/ps/_generated
