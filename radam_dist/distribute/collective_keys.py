@@ -43,6 +43,30 @@ def next_key_base() -> int:
         return next(_counter) * KEY_BASE_STRIDE
 
 
+def _enable_collective_ops_once() -> None:
+    """A second MWMS object must not re-enable collective ops on the running server.
+
+    Every MultiWorkerMirroredStrategy object calls ``context().enable_collective_ops`` with the
+    same ServerDef; on a context that already has its server, TensorFlow then updates the
+    server in place, which drops collective requests that a faster worker has already sent
+    for the new strategy's first group: both workers then wait forever in the first variable
+    broadcast (seen here about every second run with several MWMS objects per process). With
+    an identical ServerDef there is nothing to update, so the call is skipped; any other
+    ServerDef still goes to TensorFlow.
+    """
+    from tensorflow.python.eager import context
+
+    original = context.Context.enable_collective_ops
+
+    @functools.wraps(original)
+    def enable_collective_ops(self, server_def):
+        if server_def is not None and getattr(self, "_collective_ops_server_def", None) == server_def:
+            return
+        return original(self, server_def)
+
+    context.Context.enable_collective_ops = enable_collective_ops
+
+
 def install() -> None:
     """Give each MirroredStrategy / MWMS created from now on its own collective key base."""
     global _installed
@@ -50,6 +74,7 @@ def install() -> None:
         if _installed:
             return
         _installed = True
+    _enable_collective_ops_once()
     for cls in _strategy_classes():
         original = cls.__init__
 
