@@ -124,8 +124,11 @@ def _after_import(name: str) -> None:
     except ImportError as err:  # too old a TensorFlow / Keras: say so, but keep `import keras` working
         warnings.warn(f"radam_dist's optimizers are not registered with Keras: {err}",
                       RuntimeWarning, stacklevel=2)
-    except Exception:  # never break someone's `import keras`; the export will say what failed
+    except Exception as err:  # never break someone's `import keras`, but say why load_model will fail
         logging.getLogger(__name__).debug("registering radam_dist with Keras failed", exc_info=True)
+        warnings.warn(f"radam_dist's optimizers are not registered with Keras "
+                      f"({type(err).__name__}: {err}); `import radam_dist.optimizers` shows the "
+                      f"whole error", RuntimeWarning, stacklevel=2)
     if _registered:
         _uninstall_hook()
 

@@ -310,6 +310,17 @@ def run_distributed_parts(out_dir: str, skip: List[str]) -> bool:
     return ok
 
 
+def _finite_or_null(value):
+    """``value`` with every NaN / inf (a diverged run) as None: strict JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m radam_dist.demo",
@@ -340,7 +351,7 @@ def main(argv=None) -> int:
         sweep = learning_rate_sweep(args.sweep_epochs, args.batch_size, SWEEP_LEARNING_RATES)
         print_sweep(sweep)
         with open(os.path.join(args.out, "lr_sweep.json"), "w") as f:
-            json.dump(sweep, f, indent=1)
+            json.dump(_finite_or_null(sweep), f, indent=1, allow_nan=False)
         print(f"  ({sweep['seconds']:.1f} s)")
     settings = (
         f"Settings: synthetic binary task (6000 train / 2000 validation rows, Embedding(200, 8) + Dense 64-32-1, "

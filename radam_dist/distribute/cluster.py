@@ -65,8 +65,13 @@ def local_cluster_spec(workers: int, ps: int = 0, host: str = "127.0.0.1",
     if placements:
         from radam_dist.distribute import netns
 
-        for name, (namespace, addr) in placements.items():
-            address[name] = f"{addr}:{netns.free_ports_in(namespace, addr, 1)[0]}"
+        # One request per (namespace, address): ports asked for one at a time could repeat.
+        hosts: Dict[tuple, List[str]] = {}
+        for name, where in placements.items():
+            hosts.setdefault(tuple(where), []).append(name)
+        for (namespace, addr), tasks in hosts.items():
+            for name, port in zip(tasks, netns.free_ports_in(namespace, addr, len(tasks))):
+                address[name] = f"{addr}:{port}"
     spec: Dict[str, List[str]] = {}
     for name in names:
         task_type = name.split(":")[0]

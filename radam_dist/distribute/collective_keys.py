@@ -26,8 +26,12 @@ import threading
 # Far above the group keys one strategy uses (one per device set), as in TF's own tests.
 KEY_BASE_STRIDE = 100_000
 
+# MWMS bases count in a range of their own: they must agree across worker processes, so a
+# MirroredStrategy that only one worker makes (a chief-only evaluation, say) must not shift them.
+MWMS_KEY_BASE_START = 10_000 * KEY_BASE_STRIDE  # group keys are int32: room for ~11,000 MWMS
+
 _lock = threading.Lock()
-_counter = itertools.count(1)
+_counters = {"mirrored": itertools.count(1), "multi_worker": itertools.count(0)}
 _installed = False
 
 
@@ -37,10 +41,16 @@ def _strategy_classes() -> list:
     return [tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy]
 
 
-def next_key_base() -> int:
-    """A collective key base no other strategy of this process has."""
+def next_key_base(multi_worker: bool = False) -> int:
+    """A collective key base no other strategy of this process has.
+
+    ``multi_worker``: for a MultiWorkerMirroredStrategy, whose n-th base is the same in every
+    worker that makes its MWMS objects in the same order, whatever else it makes.
+    """
     with _lock:
-        return next(_counter) * KEY_BASE_STRIDE
+        if multi_worker:
+            return MWMS_KEY_BASE_START + next(_counters["multi_worker"]) * KEY_BASE_STRIDE
+        return next(_counters["mirrored"]) * KEY_BASE_STRIDE
 
 
 def _enable_collective_ops_once() -> None:
@@ -75,13 +85,15 @@ def install() -> None:
             return
         _installed = True
     _enable_collective_ops_once()
-    for cls in _strategy_classes():
+    mirrored, multi_worker = _strategy_classes()
+    for cls in (mirrored, multi_worker):
         original = cls.__init__
 
         @functools.wraps(original)
-        def __init__(self, *args, __original=original, **kwargs):
+        def __init__(self, *args, __original=original, __multi_worker=cls is multi_worker,
+                     **kwargs):
             # Read by the strategy's extended object while __init__ builds its CollectiveKeys.
-            self._collective_key_base = next_key_base()
+            self._collective_key_base = next_key_base(__multi_worker)
             __original(self, *args, **kwargs)
 
         cls.__init__ = __init__

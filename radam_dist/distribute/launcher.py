@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, IO, List, Optional, Sequence, Tuple
 
-from radam_dist.distribute.cluster import local_cluster_spec, task_names, tf_config
+from radam_dist.distribute.cluster import local_cluster_spec, tf_config
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,6 @@ class LocalCluster:
         self.command = list(command)
         self.workers, self.ps, self.host = workers, ps, host
         self.placements = dict(placements or {})
-        unknown = sorted(set(self.placements) - set(task_names(workers, ps)))
-        if unknown:
-            raise ValueError(f"no task {', '.join(unknown)} in this cluster "
-                             f"(tasks: {', '.join(task_names(workers, ps))})")
         self.cluster = local_cluster_spec(workers, ps, host, self.placements)
         self.grace_seconds = grace_seconds
         self.stop_grace_seconds = stop_grace_seconds

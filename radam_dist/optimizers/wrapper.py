@@ -11,6 +11,8 @@ from typing import Optional, Union
 
 import keras
 
+from radam_dist.optimizers.classic_api import ClassicOptimizerAPI
+
 
 def resolve_inner_optimizer(
     optimizer: Union[keras.optimizers.Optimizer, str, dict], wrapper: str
@@ -47,16 +49,9 @@ class ForwardsToInnerOptimizer:
         if "inner_optimizer" in self.__dict__:
             self.inner_optimizer.learning_rate = value
 
-    @property
-    def lr(self):
-        """tf.keras's name of ``learning_rate`` (read and write), the inner optimizer's."""
-        # tf.keras returned the tf.Variable itself: `opt.lr.read_value()`, `opt.lr.assign(x)`.
-        rate = self.learning_rate
-        return rate.value if isinstance(rate, keras.Variable) else rate
-
-    @lr.setter
-    def lr(self, value):
-        self.learning_rate = value
+    # tf.keras's `lr`, through the forwarded learning_rate above (Horovod's DistributedOptimizer
+    # has no ClassicOptimizerAPI of its own).
+    lr = ClassicOptimizerAPI.lr
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)

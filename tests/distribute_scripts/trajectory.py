@@ -272,6 +272,10 @@ def main():
                 trajectory, extra = parameter_server_loop(strategy, kind, data)
             elif mode == "loop":
                 if args.fresh_strategy and results["cases"]:
+                    if args.strategy == "mwms" and task == "worker:0":
+                        # A strategy only one worker makes (a chief-only evaluation, say) must
+                        # not shift the collective keys of the MWMS objects made after it.
+                        tf.distribute.MirroredStrategy(["/cpu:0"])
                     strategy = new_strategy()
                     results["strategies"] += 1
                 trajectory, extra = replicated_loop(strategy, kind, data, variant)
