@@ -244,3 +244,149 @@ def test_several_strategies_in_one_process(reference, variant):
     else:
         _assert_trajectory(trajectory, reference["trajectory"])
     assert extra["iterations"] == t.STEPS
+
+
+# -- the gate's state (accumulation / non-finite skipping) under ZeRO ------------------------
+# Under ZeRO the slots are not in Keras' variable list, yet the gate's variables are made
+# after them (accumulators, accumulated_micro_steps, skipped_steps): a checkpoint restored
+# before the optimizer is built must still hand each one its own value (logical position).
+GATES = {"accumulation": dict(accumulation_steps=3), "skip_nonfinite": dict(skip_nonfinite=True)}
+
+
+def _gated_run(kind, gate, strategy, zero, build=True):
+    with strategy.scope():
+        radam = radam_dist.RectifiedAdam(learning_rate=0.02, weight_decay=0.01,
+                                         shard_optimizer_state=zero, **GATES[gate])
+        opt = radam if kind == "radam" else radam_dist.Lookahead(
+            radam, sync_period=t.SYNC_PERIOD, slow_step_size=0.5)
+    run = Run(kind, strategy, optimizer=opt, build=build)
+    assert radam._state_layout.shards_state == zero
+    return run
+
+
+def _poisoned_step(run, k):
+    """One step whose features are NaN on every replica: skipped (skipped_steps + 1)."""
+    n = run.strategy.num_replicas_in_sync
+    per = t.GLOBAL_BATCH // n
+    batch = run.strategy.experimental_distribute_values_from_function(
+        lambda ctx: tuple(tf.constant(a) for a in (
+            _batch(k, ctx.replica_id_in_sync_group * per,
+                   (ctx.replica_id_in_sync_group + 1) * per)[0],
+            np.full_like(_batch(k, 0, per)[1], np.nan),
+            _batch(k, 0, per)[2])))
+    run._step(*batch)
+
+
+def _logical_state(run):
+    """The whole logical state (what checkpoints and .keras files hold), as numpy."""
+    return [np.array(tf.convert_to_tensor(v)) for v in run.optimizer._logical_variables()]
+
+
+def _gate_values(run):
+    inner = getattr(run.optimizer, "inner_optimizer", run.optimizer)
+    return dict(iterations=int(run.optimizer.iterations.numpy()),
+                micro=int(inner.accumulated_micro_steps.numpy()),
+                skipped=int(inner.skipped_steps.numpy()),
+                accumulators=[np.array(tf.convert_to_tensor(a)) for a in inner._accumulators],
+                m=[np.asarray(inner.get_slot(v, "m")) for v in run.model.trainable_variables],
+                v=[np.asarray(inner.get_slot(v, "v")) for v in run.model.trainable_variables])
+
+
+def _assert_same_state(got_run, want_state, want_gate):
+    got = _logical_state(got_run)
+    assert len(got) == len(want_state)
+    for g, w in zip(got, want_state):
+        np.testing.assert_allclose(g, w, rtol=ch.RTOL, atol=ch.ATOL)
+    gate = _gate_values(got_run)
+    for key in ("iterations", "micro", "skipped"):
+        assert gate[key] == want_gate[key], key
+    for key in ("accumulators", "m", "v"):
+        assert len(gate[key]) == len(want_gate[key]), key
+        for g, w in zip(gate[key], want_gate[key]):
+            np.testing.assert_allclose(g, w, rtol=ch.RTOL, atol=ch.ATOL, err_msg=key)
+
+
+def _write_gated(kind, gate, zero, replicas=2):
+    """4 micro-steps (accumulation 3: one step applied, one micro-batch pending) or 3 steps
+    and one skipped NaN step; returns the run and its state."""
+    writer = _gated_run(kind, gate, _mirrored(replicas), zero)
+    if gate == "accumulation":
+        writer.steps(0, 4)
+    else:
+        writer.steps(0, 2)
+        _poisoned_step(writer, 2)
+        writer.steps(2, 3)
+    gate_values = _gate_values(writer)
+    if gate == "accumulation":  # the state the test is about is really there
+        assert gate_values["micro"] == 4 and gate_values["iterations"] == 1
+        assert any(np.abs(a).max() > 0 for a in gate_values["accumulators"])
+    else:
+        assert gate_values["skipped"] == 1 and gate_values["iterations"] == 3
+    return writer, _logical_state(writer), gate_values
+
+
+@pytest.mark.parametrize("direction", ["zero-to-zero", "zero-to-plain", "plain-to-zero"])
+@pytest.mark.parametrize("gate", sorted(GATES))
+@pytest.mark.parametrize("kind", ["radam", "ranger"])
+def test_checkpoint_restored_before_build_keeps_the_gate_state(kind, gate, direction,
+                                                               tmp_path):
+    """tf.train.Checkpoint.restore() before the optimizer is built (restore, then train):
+    accumulators, accumulated_micro_steps, skipped_steps, m and v are the saved ones, every
+    checkpoint value is consumed, and training continues as the writer does.
+
+    (Mid-accumulation, each replica's accumulators hold its own micro-batches' sum and a
+    checkpoint keeps the first replica's, in every layout: with two replicas the
+    continuation is compared for skip_nonfinite only; see the one-replica test below.)"""
+    write_zero, read_zero = direction.split("-to-")[0] == "zero", direction.endswith("zero")
+    writer, state, gate_values = _write_gated(kind, gate, write_zero)
+    path = tf.train.Checkpoint(model=writer.model, optimizer=writer.optimizer).save(
+        str(tmp_path / "ckpt"))
+    reader = _gated_run(kind, gate, _mirrored(), read_zero, build=False)
+    assert not reader.optimizer.built
+    status = tf.train.Checkpoint(model=reader.model, optimizer=reader.optimizer).restore(path)
+    with reader.strategy.scope():
+        reader.optimizer.build(reader.model.trainable_variables)
+    status.assert_consumed()  # no value left unclaimed ("could not be found")
+    _assert_same_state(reader, state, gate_values)
+    if gate == "skip_nonfinite":
+        _assert_trajectory(reader.steps(3, 6), writer.steps(3, 6), 3)
+
+
+@pytest.mark.parametrize("gate", sorted(GATES))
+def test_checkpoint_restored_in_the_first_step_keeps_the_gate_state(gate, tmp_path):
+    """The usual order: restore, then the first step builds the optimizer lazily (ZeRO on
+    one replica: the layout is the same, and mid-accumulation state is all in the file)."""
+    writer, _, _ = _write_gated("radam", gate, True, replicas=1)
+    path = tf.train.Checkpoint(model=writer.model, optimizer=writer.optimizer).save(
+        str(tmp_path / "ckpt"))
+    reader = _gated_run("radam", gate, _mirrored(1), True, build=False)
+    status = tf.train.Checkpoint(model=reader.model, optimizer=reader.optimizer).restore(path)
+    first = 4 if gate == "accumulation" else 3
+    got = reader.steps(first, first + 3)
+    status.assert_consumed()
+    _assert_trajectory(got, writer.steps(first, first + 3), first)
+    assert _gate_values(reader)["skipped"] == _gate_values(writer)["skipped"]
+    assert _gate_values(reader)["micro"] == _gate_values(writer)["micro"]
+
+
+@pytest.mark.parametrize("gate", sorted(GATES))
+@pytest.mark.parametrize("kind", ["radam", "ranger"])
+def test_keras_file_keeps_the_gate_state_across_layouts(kind, gate, tmp_path):
+    """A .keras file from ZeRO with the gate's state loads whole into ZeRO (two replicas),
+    ZeRO off (two replicas) and no strategy."""
+    writer, state, gate_values = _write_gated(kind, gate, True)
+    _compiled(writer)
+    path = str(tmp_path / "zero.keras")
+    writer.model.save(path)
+    for where in ("mirrored zero", "no strategy"):
+        strategy = None if where == "no strategy" else _mirrored()
+        with (strategy or tf.distribute.get_strategy()).scope():
+            loaded = keras.models.load_model(path)
+        resumed = Run(kind, strategy, model=loaded, optimizer=loaded.optimizer)
+        assert resumed.optimizer._state_layout.shards_state == (strategy is not None), where
+        _assert_same_state(resumed, state, gate_values)
+    store = {}  # the file's optimizer state (save_own_variables' store) into ZeRO off
+    loaded.optimizer.save_own_variables(store)
+    plain = _gated_run(kind, gate, _mirrored(), False)
+    plain.optimizer.load_own_variables(store)
+    _assert_same_state(plain, state, gate_values)

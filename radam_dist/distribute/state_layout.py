@@ -90,7 +90,10 @@ class StateLayout:
 
     def logical_variables(self, optimizer, own_variables: Sequence) -> list:
         """``own_variables`` (the optimizer's Keras variable list) with the slots in place:
-        the list ``.keras`` files and checkpoints hold, the same in every layout."""
+        the list ``.keras`` files and checkpoints hold, the same in every layout. A layout
+        whose slots are not in Keras' list must also route a checkpoint's restores still
+        pending on that list (restored before build) by these positions, for the slots and
+        for every variable made after them (``zero._restore_deferred``)."""
         return list(own_variables)
 
     # -- tf.train.Checkpoint ----------------------------------------------------------------

@@ -212,15 +212,27 @@ class _LogicalVariableList(tf.__internal__.tracking.Trackable):
         return self._entries.get(name)
 
 
-def _restore_deferred(optimizer, logical: Sequence) -> None:
-    """A checkpoint restored before the optimizer was built left its slot values waiting on
-    Keras' variable list under their indices; hand them to the whole slots now."""
+def _restore_deferred(optimizer, insert_at: int, whole_slots: Sequence) -> None:
+    """Route the restores a checkpoint left pending on Keras' variable list (restored before
+    the optimizer was built) by logical position.
+
+    The checkpoint numbers the list as the replicated layout does: ..., the slots from
+    ``insert_at``, then the variables made after them (the gate's accumulators and counters).
+    Keras' list here holds no slots, so the slots' values go to the whole slots now, and the
+    pending values after them move down by the number of slots: each variable appended later
+    gets its own value as Keras tracks it (at its index in Keras' list), none gets a slot's.
+    """
     tracked = optimizer._lookup_dependency("_variables")
     if tracked is None or not hasattr(tracked, "_handle_deferred_dependencies"):
         return
-    for index, entry in enumerate(logical):
-        if isinstance(entry, WholeSlot):
-            tracked._handle_deferred_dependencies(name=str(index), trackable=entry)
+    for offset, entry in enumerate(whole_slots):
+        tracked._handle_deferred_dependencies(name=str(insert_at + offset), trackable=entry)
+    pending = tracked._deferred_dependencies  # {name: [CheckpointPosition, ...]}, mutable
+    after = insert_at + len(whole_slots)
+    moved = {int(name) - len(whole_slots): pending.pop(name)
+             for name in [n for n in pending if n.isdigit() and int(n) >= after]}
+    for index, positions in sorted(moved.items()):
+        pending.setdefault(str(index), []).extend(positions)
 
 
 def _this_replica(variable):
@@ -275,7 +287,7 @@ class ReplicaSharded(StateLayout):
         # Where the replicated layout appends its slot variables to Keras' variable list.
         self._insert_at = len(optimizer._variables)
         self.state = state
-        _restore_deferred(optimizer, self.logical_variables(optimizer, optimizer._variables))
+        _restore_deferred(optimizer, self._insert_at, state.whole_slots)
 
     def apply_gradients(self, optimizer, grads, variables, default):
         return apply_gradients(optimizer, self.state, grads, variables)
