@@ -207,7 +207,8 @@ def main() -> int:
                                       "--chunk-bytes", str(args.chunk_bytes), "--log-level", "DEBUG"],
                                      tmp, f"ps{n}")
                 procs.append(server)
-                client = PSClient([f"127.0.0.1:{port}"], chunk_bytes=args.chunk_bytes)
+                client = PSClient([f"127.0.0.1:{port}"], chunk_bytes=args.chunk_bytes,
+                                  tune_allocator=True)
                 rng = np.random.default_rng(0)
                 values = {f"v{i}": rng.normal(size=n // 4).astype(np.float32) for i in range(4)}
                 client.register(values, {"learning_rate": 1e-3})

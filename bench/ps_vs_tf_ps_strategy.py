@@ -83,7 +83,7 @@ def bench_radam_ps(hidden, steps, workdir: Path):
             if proc.poll() is not None:
                 raise RuntimeError((workdir / "ps.log").read_text())
             time.sleep(0.05)
-        client = PSClient([f"127.0.0.1:{int(port_file.read_text())}"])
+        client = PSClient([f"127.0.0.1:{int(port_file.read_text())}"], tune_allocator=True)
         names = sorted(shapes(hidden))
         client.register(initial(hidden), {"learning_rate": 1e-3})
         values = client.pull()

@@ -109,7 +109,7 @@ def segment(directory, seq):
 def record_offsets(path):
     records, damage = durability.scan_segment(path.read_bytes(), path, newest=True)
     assert damage is None
-    return [(offset, durability.WAL_HEADER + len(payload)) for offset, payload in records]
+    return [(offset, durability.WAL_HEADER + len(payload) + durability.WAL_TRAILER) for offset, payload in records]
 
 
 def assert_values(values, expected):

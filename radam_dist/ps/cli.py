@@ -172,7 +172,7 @@ def serve(parser, args) -> int:
         token = load_token(args.token_file)
     except (OSError, ValueError) as err:
         parser.error(f"cannot read the token: {err}")
-    from radam_dist.ps.server import ParameterServerProcess, serve_forever
+    from radam_dist.ps.server import ParameterServerProcess, PortBindError, serve_forever
     from radam_dist.ps.service import ServeOptions
 
     options = ServeOptions(
@@ -191,10 +191,14 @@ def serve(parser, args) -> int:
         process = ParameterServerProcess(options, host=args.host, port=args.port, token=token,
                                          tls=args.tls, insecure=args.insecure,
                                          max_threads=args.max_threads, metrics_port=args.metrics_port)
-    except (RecoveryError, DirectoryLockedError, ValueError) as err:
-        # Never SERVING on damaged state, a directory another server holds, or bad TLS files.
+    except (RecoveryError, DirectoryLockedError, ValueError, PortBindError) as err:
+        # Never SERVING on damaged state, a directory another server holds, bad TLS files or a
+        # port it cannot bind (the directory lock and the log are released by then).
         return _refuse(err)
-    serve_forever(process, args.port_file)
+    try:
+        serve_forever(process, args.port_file)
+    except PortBindError as err:  # the metrics port
+        return _refuse(err)
     return 0
 
 

@@ -112,10 +112,11 @@ class PSClient:
         retry_timeout: how long a call keeps retrying while a server is unreachable.
         validate: check gradients against the registered shapes before sending anything (so
             a bad push is refused before any shard sees it).
-        tune_allocator: let glibc reuse freed chunk buffers instead of returning them to the
-            kernel (``tensors.reuse_freed_memory``; process-wide, keeps up to 1 GiB of freed
-            heap for reuse). Halves the client's encode and decode time on large models; False leaves
-            the allocator alone.
+        tune_allocator: opt-in (default False, since it changes the allocator of the whole
+            process): let glibc reuse freed chunk buffers instead of returning them to the
+            kernel (``tensors.reuse_freed_memory``: ``mallopt`` thresholds, keeps up to 1 GiB of
+            freed heap for reuse). Halves the client's encode and decode time on large models.
+            The server and the benchmarks turn it on.
     """
 
     def __init__(self, targets: Union[str, Sequence[str]], token: Optional[str] = None, *,
@@ -123,7 +124,7 @@ class PSClient:
                  client_key=None, server_name_override: Optional[str] = None,
                  split_threshold_bytes: int = 64 << 20, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  retry_timeout: float = 60.0, call_timeout: Optional[float] = None,
-                 job_id: str = "", validate: bool = True, tune_allocator: bool = True):
+                 job_id: str = "", validate: bool = True, tune_allocator: bool = False):
         if tune_allocator:
             reuse_freed_memory()
         self.targets = [targets] if isinstance(targets, str) else list(targets)

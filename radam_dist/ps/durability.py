@@ -12,8 +12,13 @@ The write-ahead log (``--wal``) holds one record per applied update (an async pu
 round's averaged gradients) and one per staged sync push, appended and fsync'ed *before* the
 update is applied or the push acknowledged. Records::
 
-    b"R2" | u32 payload length | u32 crc32(payload) | u32 crc32(the 10 bytes before) | payload
+    b"R3" | u32 payload length | u32 crc32(payload) | u32 crc32(the 10 bytes before) | payload
+          | trailer
     payload = u32 metadata length | metadata JSON | raw arrays
+    trailer = b"\xa5E3Z" | u32 crc32(payload)   (8 bytes, never all zeros)
+
+(Segments of the earlier, unreleased ``R2`` format, which had no trailer, are not read: a
+server refuses to start on one, naming it.)
 
 Segments are named ``wal-<first version>-<seq>.log``; a new one starts at each checkpoint,
 ``wal.head`` names the newest one, and segments older than the oldest kept checkpoint are
@@ -21,9 +26,10 @@ deleted.
 
 Recovery tells a torn tail from damage (see ``scan_segment``): the process can only have died
 while writing the *last* record of the *newest* segment, and that record was never
-acknowledged (its fsync had not returned), so a record cut short at the end of the newest
-segment (or a zero-filled tail) is dropped -- its bytes are kept in a ``.torn`` file. Anything
-else -- a bad header or checksum with intact data after it, a damaged record in an older
+acknowledged (its fsync had not returned), so a record whose trailer is missing at the end of
+the newest segment (cut short, or zeros where the trailer should be, or a zero-filled tail) is
+dropped -- its bytes are kept in a ``.torn`` file. Anything else -- a bad header, a full-length
+record whose trailer is intact but whose payload checksum fails, a damaged record in an older
 segment, a missing segment, a head that names a segment that is gone -- may be acknowledged
 data and raises ``RecoveryError``: the server refuses to start unless the operator passes
 ``--discard-damaged-state``, which moves the damaged files aside and logs what it dropped.
@@ -54,8 +60,11 @@ log = logging.getLogger(__name__)
 CKPT_MAGIC = b"RADAM-PS-CKPT-1\n"
 CKPT_RE = re.compile(r"^ckpt-(\d{12})\.radps$")
 WAL_RE = re.compile(r"^wal-(\d{12})-(\d{6})\.log$")
-WAL_MARK = b"R2"
+WAL_MARK = b"R3"
+WAL_OLD_MARK = b"R2"  # the unreleased format without a trailer: refused, not read
 WAL_HEADER = 14  # mark, length, payload crc, header crc
+WAL_TRAILER_MARK = b"\xa5E3Z"
+WAL_TRAILER = 8  # trailer mark, payload crc again: written after the payload, never all zeros
 WAL_HEAD = "wal.head"
 LOCK_NAME = "LOCK"
 DISCARD_HINT = ("restore the file from a backup, or restart with --discard-damaged-state to "
@@ -64,6 +73,11 @@ DISCARD_HINT = ("restore the file from a backup, or restart with --discard-damag
 
 class RecoveryError(RuntimeError):
     """Durable state is damaged or incomplete: starting would silently lose acknowledged updates."""
+
+
+class WalBrokenError(RuntimeError):
+    """An append failed and the log could not be brought back to its last complete record:
+    the server must stop serving (a restart recovers from the directory)."""
 
 
 class DirectoryLockedError(RuntimeError):
@@ -240,8 +254,13 @@ def encode_record(version_before: int, request_ids: List[str], grads: Dict[str, 
     meta = json.dumps(dict(extra, kind=kind, version_before=version_before, request_ids=request_ids,
                            grads=items, arrays=index)).encode()
     payload = b"".join([struct.pack("<I", len(meta)), meta, *[bytes(b) for b in buffers]])
-    head = WAL_MARK + struct.pack("<II", len(payload), zlib.crc32(payload))
-    return head + struct.pack("<I", zlib.crc32(head)) + payload
+    crc = zlib.crc32(payload)
+    head = WAL_MARK + struct.pack("<II", len(payload), crc)
+    return head + struct.pack("<I", zlib.crc32(head)) + payload + _trailer(crc)
+
+
+def _trailer(crc: int) -> bytes:
+    return WAL_TRAILER_MARK + struct.pack("<I", crc)
 
 
 def decode_record(payload: bytes) -> WalRecord:
@@ -272,10 +291,12 @@ def scan_segment(data: bytes, path: Path, newest: bool) -> Tuple[List[Tuple[int,
     """([(offset, payload)] of the intact records, the first damage or None).
 
     A torn tail is only possible in the newest segment, and only at its end: a header cut
-    short, a record whose declared length runs past the end of the file, a last record whose
-    payload checksum fails and whose last bytes are zeros, or a tail of zeros (space the file
-    system allocated before the data arrived). The header carries its own
-    checksum, so a damaged length field is never mistaken for a torn record.
+    short, a record whose header and declared length plus trailer run past the end of the file,
+    a last record whose trailer is all zeros (space the file system allocated before the data
+    arrived), or a tail of zeros. The header carries its own checksum, so a damaged length field
+    is never mistaken for a torn record; the trailer is written after the payload and is never
+    zeros, so a full-length record with its trailer intact and a failing payload checksum is
+    damage (a flipped bit in an acknowledged record), whatever its payload ends with.
     """
     records, pos, size = [], 0, len(data)
     while pos < size:
@@ -290,22 +311,34 @@ def scan_segment(data: bytes, path: Path, newest: bool) -> Tuple[List[Tuple[int,
         if len(rest) < WAL_HEADER:
             return records, damage(f"a record header cut short ({len(rest)} of {WAL_HEADER} bytes)",
                                    WAL_MARK.startswith(rest[:2]))
+        if rest[:2] == WAL_OLD_MARK and pos == 0:
+            return records, damage("a segment of the earlier, unreleased format (records 'R2' "
+                                   "without a trailer), which this version does not read", False)
         if rest[:2] != WAL_MARK:
             return records, damage(f"no record marker (found {rest[:2]!r})", False)
         length, crc = struct.unpack_from("<II", rest, 2)
         (head_crc,) = struct.unpack_from("<I", rest, 10)
         if zlib.crc32(rest[:10]) != head_crc:
             return records, damage("record header checksum mismatch", False)
-        end = WAL_HEADER + length
+        end = WAL_HEADER + length + WAL_TRAILER
         if end > len(rest):
-            return records, damage(f"record of {length} bytes cut short after {len(rest) - WAL_HEADER}",
-                                   True)
-        payload = rest[WAL_HEADER:end]
+            return records, damage(
+                f"record of {length} bytes (+{WAL_TRAILER}-byte trailer) cut short after "
+                f"{len(rest) - WAL_HEADER} bytes", True)
+        payload = rest[WAL_HEADER:WAL_HEADER + length]
+        trailer = rest[WAL_HEADER + length:end]
+        if trailer != _trailer(crc):
+            # The trailer never reached the disk (zeros where it should be) only in a last
+            # record; a non-zero wrong trailer, or zeros with records after it, is damage.
+            missing = end == len(rest) and not trailer.strip(b"\0")
+            return records, damage(
+                f"record trailer {'missing (zeros)' if missing else 'damaged'} "
+                f"({length}-byte record)", missing)
         if zlib.crc32(payload) != crc:
-            # Torn only if it is the last record and its end never reached the disk (zeros);
-            # a flipped bit in an intact, acknowledged last record is damage.
-            unwritten = end == len(rest) and not payload[-16:].strip(b"\0")
-            return records, damage(f"record payload checksum mismatch ({length} bytes)", unwritten)
+            # Full length, trailer intact: the whole record was written (and may have been
+            # acknowledged); a failing checksum is damage, never a torn tail.
+            return records, damage(f"record payload checksum mismatch ({length} bytes, its "
+                                   "trailer intact: written in full, then damaged)", False)
         records.append((pos, payload))
         pos += end
     return records, None
@@ -320,6 +353,9 @@ class WriteAheadLog:
         self._file = None
         self.path: Optional[Path] = None
         self.seq = -1
+        self.broken: Optional[str] = None  # why appends are refused (fail-stop), or None
+        # the system calls of append (attributes so that a test can inject a disk fault)
+        self._write, self._fsync, self._truncate = os.write, os.fsync, os.ftruncate
 
     @staticmethod
     def seq_of(path: Path) -> int:
@@ -339,7 +375,10 @@ class WriteAheadLog:
             return None
         try:
             head = json.loads(path.read_text())
-            return {"seq": int(head["seq"]), "first_version": int(head["first_version"])}
+            return {"seq": int(head["seq"]), "first_version": int(head["first_version"]),
+                    # written by a version that starts segments only at checkpoints (so a
+                    # checkpoint existed); heads without it may come from unregistered starts
+                    "checkpointed": bool(head.get("checkpointed", False))}
         except (ValueError, KeyError, TypeError) as err:
             raise RecoveryError(f"{path} is damaged ({err}); it names the newest write-ahead log "
                                 f"segment. {DISCARD_HINT}") from err
@@ -408,25 +447,55 @@ class WriteAheadLog:
                     path.name, len(tail), offset, why, keep.name)
 
     def start_segment(self, first_version: int) -> None:
-        """Close the current segment and open a new one for records from ``first_version``."""
+        """Close the current segment and open a new one for records from ``first_version``.
+        Called only when a checkpoint is written (which then names it)."""
         self.close()
         existing = [self.seq_of(p) for p in self.segments()]
         head = self.head() if (self.directory / WAL_HEAD).exists() else None
-        seq = max(existing + ([head["seq"]] if head else []), default=-1) + 1
+        seq = max(existing + ([head["seq"]] if head else []), default=0) + 1  # from 1
         self.path = self.directory / f"wal-{first_version:012d}-{seq:06d}.log"
-        self._file = open(self.path, "ab")
+        self._file = open(self.path, "ab", buffering=0)
         self.seq = seq
         _fsync_dir(self.directory)
         _write_atomic(self.directory / WAL_HEAD,
-                      json.dumps({"seq": seq, "first_version": first_version}).encode())
+                      json.dumps({"seq": seq, "first_version": first_version,
+                                  "checkpointed": True}).encode())
 
     def append(self, version_before: int, request_ids: List[str], grads: Dict[str, Gradient],
                kind: str = "apply", **extra) -> None:
         """Write one record and fsync it; only then may the update be acknowledged."""
+        """Write one record and fsync it; only then may the update be acknowledged.
+
+        On any error (ENOSPC, EIO, ...) the segment is truncated back to where the record
+        started and fsync'ed, and the error re-raised: the update must not be applied nor
+        acknowledged, and the next append starts at a record boundary again. If that cleanup
+        fails too, the log is marked broken and every later append raises ``WalBrokenError``
+        (the server stops serving; a restart recovers from what is on disk)."""
+        if self.broken is not None:
+            raise WalBrokenError(f"the write-ahead log is broken ({self.broken}); this server "
+                                 "takes no more updates: restart it to recover from the directory")
+        if self._file is None:
+            raise WalBrokenError("no write-ahead log segment is open (nothing registered yet?)")
         record = encode_record(version_before, request_ids, grads, kind, **extra)
-        self._file.write(record)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        fd = self._file.fileno()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view, written = memoryview(record), 0
+            while written < len(view):
+                written += self._write(fd, view[written:])
+            self._fsync(fd)
+        except BaseException as err:
+            try:
+                self._truncate(fd, start)
+                self._fsync(fd)
+            except BaseException as again:
+                self.broken = (f"appending to {self.path} at byte {start} failed ({err!r}) and "
+                               f"truncating it back failed too ({again!r})")
+                log.error("write-ahead log: %s", self.broken)
+                raise WalBrokenError(self.broken) from err
+            log.error("write-ahead log: appending %d bytes to %s at byte %d failed (%r); "
+                      "truncated back, the update is refused", len(record), self.path, start, err)
+            raise
 
     def drop_before(self, version: int) -> None:
         """Delete segments holding only records older than ``version`` (the oldest checkpoint)."""

@@ -39,6 +39,10 @@ KEEPALIVE_OPTIONS = [
 ]
 
 
+class PortBindError(OSError):
+    """The gRPC port could not be bound (taken, or an address this host does not have)."""
+
+
 class ParameterServerProcess:
     """A running shard: ``start()`` binds and serves, ``stop()`` checkpoints and shuts down."""
 
@@ -50,7 +54,19 @@ class ParameterServerProcess:
         self.options = options
         self.host, self.metrics_port = host, metrics_port  # metrics_port 0: pick a free one
         self.service = ShardService(options)
+        try:
+            self._setup(host, port, token, tls, max_threads)
+        except BaseException:
+            # Whatever fails after the service exists (grpcio >= 1.85 raises RuntimeError from
+            # add_*_port for a taken port instead of returning 0) must release the directory
+            # lock and the log, so a second attempt in this process can start.
+            self.service.close()
+            self.service.metrics.close()
+            raise
+
+    def _setup(self, host, port, token, tls, max_threads) -> None:
         self.health = health.HealthServicer()
+        self.service.on_fail_stop = self._not_serving
         # Metrics first: it sees (and counts) the calls that authentication refuses.
         interceptors = [self.service.metrics.interceptor()]
         interceptors += [BearerTokenInterceptor(token)] if token else []
@@ -69,12 +85,15 @@ class ParameterServerProcess:
                 root_certificates=Path(tls.client_ca).read_bytes() if tls.client_ca else None,
                 require_client_auth=tls.client_ca is not None,
             )
-            self.port = self.server.add_secure_port(address, credentials)
+            add_port = lambda: self.server.add_secure_port(address, credentials)  # noqa: E731
         else:
-            self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            self.service.close()
-            raise OSError(f"could not bind {address}")
+            add_port = lambda: self.server.add_insecure_port(address)  # noqa: E731
+        try:
+            self.port = add_port()
+        except RuntimeError as err:  # grpcio >= 1.85
+            raise PortBindError(f"cannot listen on {address}: {err} (is the port in use?)") from err
+        if self.port == 0:  # older grpcio
+            raise PortBindError(f"cannot listen on {address} (is the port in use?)")
         if self.service.lock is not None:  # name the holder completely
             self.service.lock.update(port=self.port, address=address)
         self._stop = threading.Event()
@@ -85,7 +104,9 @@ class ParameterServerProcess:
             try:
                 self.metrics_port = self.service.metrics.serve_http(self.host.strip("[]"), self.metrics_port)
             except OSError as err:
-                raise OSError(f"cannot serve metrics on {self.host}:{self.metrics_port}: {err}") from err
+                self.service.close()
+                raise PortBindError(
+                    f"cannot serve metrics on {self.host}:{self.metrics_port}: {err}") from err
             log.info("metrics on http://%s:%d/metrics", self.host, self.metrics_port)
         self.server.start()
         for name in ("", SERVICE_NAME):
@@ -106,12 +127,20 @@ class ParameterServerProcess:
                 except OSError:
                     log.exception("periodic checkpoint failed")
 
+    def _not_serving(self, reason: str) -> None:
+        """Fail-stop (the write-ahead log broke): probes see NOT_SERVING, a restart recovers."""
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     def stop(self, grace: float = 5.0) -> None:
         """Stop taking calls, finish the running ones, write a final checkpoint."""
         self._stop.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
-        self.service.save_checkpoint()
+        if self._timer is not None:  # a periodic checkpoint in progress finishes first
+            self._timer.join()
+            self._timer = None
+        self.service.save_checkpoint()  # (not after a fail-stop: the directory stays as it is)
         self.service.close()
         self.service.metrics.close()
 

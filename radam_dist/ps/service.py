@@ -132,6 +132,8 @@ class ShardService(pb_grpc.ParameterServerServicer):
         self._generation = 0  # sync: bumped when a round is committed or abandoned
         self._abandoned: Dict[int, str] = {}  # generation -> why the round was abandoned
         self.counters = _Counters()
+        self.failed: Optional[str] = None  # why the server stopped taking updates (fail-stop)
+        self.on_fail_stop = None  # called with the reason (the server sets health NOT_SERVING)
         self.budget = ByteBudget(options.max_inflight_bytes)
         self.metrics = PSMetrics(lambda: (self.store.version, self.store.step), options)
         self.lock = (durability.DirectoryLock(options.checkpoint_dir)
@@ -187,8 +189,14 @@ class ShardService(pb_grpc.ParameterServerServicer):
                             "continues a checkpoint that does not verify")
                 segments, head = [], None
         if loaded is None and self.wal is not None and (head is not None or segments) and not damaged:
+            # Fresh: every segment empty and the head among them, written before registration
+            # (by earlier versions, which opened a segment at every start). A segment with
+            # records, a head naming a segment that is gone, or a head written at a checkpoint
+            # means the checkpoint they continue (with the registration) was deleted.
             nonempty = [p for p in segments if p.stat().st_size]
-            if nonempty or (head is not None and head["seq"] > 0):
+            present = {self.wal.seq_of(p) for p in segments}
+            if nonempty or (head is not None and (head["seq"] not in present
+                                                  or head["checkpointed"])):
                 message = (f"{directory} holds a write-ahead log ({len(segments)} segment(s), "
                            f"{sum(p.stat().st_size for p in segments)} bytes) but no checkpoint: the "
                            "checkpoint it continues (with the registration) was deleted. "
@@ -220,11 +228,10 @@ class ShardService(pb_grpc.ParameterServerServicer):
                         log.warning("checkpoint %s does not verify (%s); its updates were replayed "
                                     "from the write-ahead log instead", p.name, why)
                     self._aside([p for p, _ in damaged], "does not verify (replaced by the log)")
-        if self.wal is not None:
-            if self.store.registered:
-                self.save_checkpoint()  # starts a new segment that this checkpoint names
-            else:
-                self.wal.start_segment(self.store.version)
+        if self.wal is not None and self.store.registered:
+            self.save_checkpoint()  # starts a new segment that this checkpoint names
+        # (Unregistered: no segment yet; Register's checkpoint starts the one it names, so
+        # restarts before registration leave nothing that could look like lost state.)
 
     def _refuse_unread_log(self, meta: dict) -> None:
         """A server restarted without --wal over a log that holds updates after the checkpoint
@@ -621,6 +628,9 @@ class ShardService(pb_grpc.ParameterServerServicer):
             self._check_round_locked(round_)
             key = (worker, request_id)
             if key not in self._staged:
+                if self.wal is not None:  # first: a failed write changes nothing
+                    self._wal_append(round_, [request_id], grads or {}, kind="stage",
+                                     worker=worker, skipped=grads is None)
                 # A worker re-stages after each abandoned attempt; keep its newest few. (The one
                 # shard 0 holds as ready for a decision is never dropped there; a worker's older
                 # push can only be in a decision until its newer one is committed.)
@@ -632,10 +642,6 @@ class ShardService(pb_grpc.ParameterServerServicer):
                     del self._staged[dropped]
                     log.info("round %d: dropped worker %s's older staged push %s", round_, worker,
                              dropped[1])
-                if self.wal is not None:
-                    with self.metrics.wal_fsync_seconds.time():
-                        self.wal.append(round_, [request_id], grads or {}, kind="stage",
-                                        worker=worker, skipped=grads is None)
                 self._staged[key] = _Staged(request_id, grads)
             return self.store.version, self.store.step, grads is None, False
 
@@ -743,7 +749,11 @@ class ShardService(pb_grpc.ParameterServerServicer):
 
     def _commit_locked(self, round_: int) -> None:
         members = {w: r.request_id for w, r in sorted(self._ready.items())}
-        self._apply_round_locked(round_, members)
+        try:
+            self._apply_round_locked(round_, members)
+        except PSError as err:  # e.g. the log write failed: nothing applied, tell every waiter
+            self._abandon_round_locked(f"sync round {round_} could not be applied: {err.message}")
+            raise
 
     def _apply_round_locked(self, round_: int, members: Dict[str, str]) -> None:
         missing = sorted(w for w, rid in members.items() if (w, rid) not in self._staged)
@@ -797,10 +807,33 @@ class ShardService(pb_grpc.ParameterServerServicer):
             self._apply_round_locked(request.round, members)
             return pb.PushResponse(version=self.store.version, step=self.store.step)
 
+    def _wal_append(self, version_before: int, request_ids: List[str], grads, **extra) -> None:
+        """Append to the log before anything changes; a write error refuses the push (nothing
+        applied, nothing acknowledged). A log that could not be brought back to a record
+        boundary is broken: the server stops serving (fail-stop) and a restart recovers."""
+        try:
+            with self.metrics.wal_fsync_seconds.time():
+                self.wal.append(version_before, request_ids, grads, **extra)
+        except durability.WalBrokenError as err:
+            self._fail_stop(str(err))
+            raise PSError("INTERNAL", f"write-ahead log broken, this server stopped serving: {err}; "
+                                      "restart it (recovery reads the directory)") from err
+        except OSError as err:
+            raise PSError("UNAVAILABLE",
+                          f"write-ahead log write failed ({err.strerror or err}); the update was not "
+                          "applied nor acknowledged and the log was truncated back; retry later") from err
+
+    def _fail_stop(self, reason: str) -> None:
+        if self.failed is None:
+            self.failed = reason
+            log.error("FAIL-STOP: %s; health is NOT_SERVING, every update is refused until a "
+                      "restart", reason)
+            if self.on_fail_stop is not None:
+                self.on_fail_stop(reason)
+
     def _apply_locked(self, grads: Dict[str, Gradient], request_ids: List[str], **extra) -> None:
         if self.wal is not None:
-            with self.metrics.wal_fsync_seconds.time():
-                self.wal.append(self.store.version, request_ids, grads, **extra)
+            self._wal_append(self.store.version, request_ids, grads, **extra)
         with self.metrics.apply_seconds.time():
             self.store.apply(grads)
         for rid in request_ids:
@@ -829,6 +862,9 @@ class ShardService(pb_grpc.ParameterServerServicer):
                           "this server runs without --checkpoint-dir")
         if not self.store.registered:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "nothing registered to checkpoint")
+        if self.failed is not None:
+            context.abort(grpc.StatusCode.INTERNAL, _bounded(
+                f"this server stopped serving ({self.failed}); restart it"))
         path, version, digest = self.save_checkpoint()
         return pb.SaveCheckpointResponse(path=str(path), version=version, sha256=digest)
 
@@ -838,6 +874,9 @@ class ShardService(pb_grpc.ParameterServerServicer):
             with self._cond:
                 if self.options.checkpoint_dir is None or not self.store.registered:
                     return None, self.store.version, ""
+                if self.failed is not None:  # fail-stop: leave the directory as it is on disk
+                    log.warning("no checkpoint written: %s", self.failed)
+                    return None, self.store.version, ""
                 meta, arrays = self._export_locked()
             with self.metrics.checkpoint_seconds.time():
                 return self._write_checkpoint(meta, arrays)
@@ -846,7 +885,7 @@ class ShardService(pb_grpc.ParameterServerServicer):
         meta, arrays = self.store.export_state()
         meta.update(shard_index=self.options.shard_index, num_shards=self.options.num_shards,
                     placement=self.placement, dedup=list(self._dedup.items())[-10_000:],
-                    decisions=[[r, m] for r, m in list(self._decisions.items())[-1000:]])
+                    decisions=[[r, m] for r, m in list(self._decisions.items())[-_DECISIONS_KEPT:]])
         if self.wal is not None:  # later records go to a segment that starts here
             self.wal.start_segment(self.store.version)
             meta["wal_segment"] = self.wal.seq
