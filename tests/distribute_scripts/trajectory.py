@@ -121,6 +121,22 @@ def loss_fn(model, ids, feats, y, global_batch=GLOBAL_BATCH):
     return tf.reduce_sum(tf.square(pred - y)) / global_batch
 
 
+def distributed_step(strategy, model, optimizer, global_batch=GLOBAL_BATCH):
+    """A tf.function running one GradientTape + apply_gradients step on every replica."""
+
+    def replica_step(r_ids, r_feats, r_y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(model, r_ids, r_feats, r_y, global_batch)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+    @tf.function
+    def train_step(*batch):
+        strategy.run(replica_step, args=batch)
+
+    return train_step
+
+
 def single_device(kind, data):
     """The reference: one device, the whole global batch per step."""
     ids, feats, y = data
@@ -148,15 +164,7 @@ def replicated_loop(strategy, kind, data, variant="plain"):
     micro_batch = GLOBAL_BATCH // micro
     per_replica = micro_batch // strategy.num_replicas_in_sync
 
-    def replica_step(r_ids, r_feats, r_y):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(model, r_ids, r_feats, r_y, micro_batch)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-
-    @tf.function
-    def train_step(r_ids, r_feats, r_y):
-        strategy.run(replica_step, args=(r_ids, r_feats, r_y))
+    train_step = distributed_step(strategy, model, optimizer, micro_batch)
 
     trajectory, extra = [], {}
     for k in range(STEPS * micro):

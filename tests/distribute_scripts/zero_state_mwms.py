@@ -45,15 +45,7 @@ def main():
         optimizer.build(model.trainable_variables)
     per_replica = t.GLOBAL_BATCH // n
 
-    def replica_step(r_ids, r_feats, r_y):
-        with tf.GradientTape() as tape:
-            loss = t.loss_fn(model, r_ids, r_feats, r_y)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-
-    @tf.function
-    def train_step(*batch):
-        strategy.run(replica_step, args=batch)
+    train_step = t.distributed_step(strategy, model, optimizer)
 
     for k in range(SPLIT):
         def value_fn(ctx, k=k):
