@@ -1,4 +1,5 @@
-"""Shared by bench/optimizer_step.py and its worker processes (tfa's venv, torch's venv).
+"""Shared by bench/optimizer_step.py, bench/strategy_step.py and their worker processes
+(tfa's venv, torch's venv).
 
 Only the standard library and numpy: the tfa worker runs under TensorFlow 2.15 with
 numpy < 2, the torch worker without TensorFlow at all.
@@ -50,10 +51,17 @@ def small_shapes() -> List[Shape]:
     return [(64,) if i % 2 else (32, 32) for i in range(1000)]
 
 
+def large_shapes() -> List[Shape]:
+    """Four 3,400 x 1,000 tensors, 13.6M parameters: few large tensors at a size two
+    replicas' copies (and three optimizers' slots) fit on a small machine (issue 13's set)."""
+    return [(3400, 1000)] * 4
+
+
 SHAPE_SETS: Dict[str, Callable[[], List[Shape]]] = {
     "resnet50": resnet50_shapes,
     "transformer": transformer_shapes,
     "small": small_shapes,
+    "large": large_shapes,
 }
 
 

@@ -1,17 +1,30 @@
 """Benchmark: replica-sharded optimizer state (ZeRO-1) against unsharded RectifiedAdam.
 
-For N = 1, 2, 4 replicas (MirroredStrategy over N logical CPU devices of this machine), with
-``shard_optimizer_state`` off (the anchor) and on, measures in the same run:
+For N = 1, 2, 4 replicas (MirroredStrategy over N logical CPU devices of this machine), in
+one process per N, three configurations of the same model stepped in turn (A, B, C, A, B,
+C, ...; each ratio is the median of the per-round ratios, so load that drifts over the run
+hits all three alike):
+  * ``unsharded``: shard_optimizer_state=False, the anchor (the replicated step, whatever
+    path it takes now; the header says which);
+  * ``all-reduce+slice``: ZeRO-1 with Keras' all-reduce, a slice, an all-gather (the only
+    exchange under MWMS; forced here with RADAM_DIST_ZERO_EXCHANGE=all-reduce at trace time);
+  * ``local-reduce-scatter``: ZeRO-1's default under single-worker MirroredStrategy, the
+    reduce-scatter and all-gather done in the step's graph (zero.choose_exchange says why:
+    TensorFlow 2.21 has no CPU reduce-scatter collective).
+Measured or counted for each:
   * optimizer-state bytes held by one replica (m and v; exact, from the variables);
+  * bytes one replica sends per step, by formula from the shapes and the algorithm
+    (zero.bytes_sent_per_replica; the Embedding's sparse gradient with the batch's rows);
   * median wall time of one training step (custom loop, global batch fixed).
-Prints a markdown table with the ratios sharded / unsharded. Each configuration runs in its
-own process (logical devices are fixed at TensorFlow start-up).
 
-    .venv/bin/python bench/distribute_zero.py                # N = 1, 2, 4; 30 timed steps
+    .venv/bin/python bench/distribute_zero.py                # N = 1, 2, 4; 30 rounds
+    .venv/bin/python bench/distribute_zero.py --quick        # N = 2, 4; 12 rounds, ~1 min
+    .venv/bin/python bench/distribute_zero.py --quick --mwms # and MWMS over 2 processes
     .venv/bin/python bench/distribute_zero.py --replicas 2 --steps 10
 
-Logical devices share the machine's cores, so step times measure the extra work of the
-sharded path (slicing, all-gather), not a speed-up from more hardware.
+Logical devices share the machine's cores, so step times measure the work of each path
+(N updates of the whole model unsharded, N of a shard sharded, plus the exchange), not a
+speed-up from more hardware.
 """
 
 from __future__ import annotations
@@ -27,44 +40,64 @@ import time
 VOCAB, DIM, HIDDEN, BATCH = 20000, 32, 512, 256
 
 
-def child(replicas: int, sharded: bool, steps: int) -> dict:
+MODES = ("unsharded", "all-reduce+slice", "local-reduce-scatter")
+IDS_PER_EXAMPLE = 8
+
+
+def child(replicas: int, steps: int, mwms: bool = False) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    if not mwms:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
     import keras
 
     import radam_dist
+    from radam_dist import fused
     from radam_dist.distribute import zero
 
-    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
-    with strategy.scope():
-        ids = keras.Input((8,), dtype="int32")
-        x = keras.layers.Flatten()(keras.layers.Embedding(VOCAB, DIM)(ids))
-        x = keras.layers.Dense(HIDDEN, activation="relu")(x)
-        x = keras.layers.Dense(HIDDEN, activation="relu")(x)
-        model = keras.Model(ids, keras.layers.Dense(1)(x))
-        optimizer = radam_dist.RectifiedAdam(1e-3, shard_optimizer_state=sharded)
-        optimizer.build(model.trainable_variables)
-    params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    rs = np.random.RandomState(0)
+    if mwms:  # one replica per worker process (TF_CONFIG from radam-dist launch)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        replicas = strategy.num_replicas_in_sync
+    else:
+        strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
     per_replica = BATCH // replicas
+    # under MWMS the exchange is all-reduce+slice whatever is asked (choose_exchange); with
+    # one replica there is nothing to exchange, and ZeRO takes its default path
+    modes = MODES[:2] if mwms else (MODES[0], MODES[2]) if replicas == 1 else MODES
 
-    def replica_step(r_ids, r_y):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(tf.square(model(r_ids, training=True) - r_y)) / BATCH
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    def make(mode):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            ids = keras.Input((IDS_PER_EXAMPLE,), dtype="int32")
+            x = keras.layers.Flatten()(keras.layers.Embedding(VOCAB, DIM)(ids))
+            x = keras.layers.Dense(HIDDEN, activation="relu")(x)
+            x = keras.layers.Dense(HIDDEN, activation="relu")(x)
+            model = keras.Model(ids, keras.layers.Dense(1)(x))
+            optimizer = radam_dist.RectifiedAdam(
+                1e-3, shard_optimizer_state=mode != "unsharded")
+            optimizer.build(model.trainable_variables)
 
-    @tf.function
-    def train_step(r_ids, r_y):
-        strategy.run(replica_step, args=(r_ids, r_y))
+        def replica_step(r_ids, r_y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.square(model(r_ids, training=True) - r_y)) / BATCH
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+        @tf.function
+        def train_step(r_ids, r_y):
+            strategy.run(replica_step, args=(r_ids, r_y))
+
+        return model, optimizer, train_step
+
+    rs = np.random.RandomState(0)
 
     def batch():
-        ids_np = rs.randint(0, VOCAB, (BATCH, 8)).astype("int32")
+        ids_np = rs.randint(0, VOCAB, (BATCH, IDS_PER_EXAMPLE)).astype("int32")
         y_np = rs.randn(BATCH, 1).astype("float32")
+
         def value_fn(ctx):
             start = ctx.replica_id_in_sync_group * per_replica
             rows = slice(start, start + per_replica)
@@ -73,55 +106,114 @@ def child(replicas: int, sharded: bool, steps: int) -> dict:
         return strategy.experimental_distribute_values_from_function(value_fn)
 
     batches = [batch() for _ in range(steps + 3)]
-    for b in batches[:3]:  # trace and warm up
-        train_step(*b)
-    optimizer.iterations.numpy()
-    times = []
+    runs = {}
+    for mode in modes:
+        if mode == "all-reduce+slice":  # read when the step is traced
+            os.environ[zero.EXCHANGE_ENV] = "all-reduce"
+        model, optimizer, train_step = make(mode)
+        for b in batches[:3]:  # trace and warm up
+            train_step(*b)
+        optimizer.iterations.numpy()
+        os.environ.pop(zero.EXCHANGE_ENV, None)
+        runs[mode] = (model, optimizer, train_step)
+    times = {mode: [] for mode in modes}
     for b in batches[3:]:
-        start = time.perf_counter()
-        train_step(*b)
-        optimizer.iterations.numpy()  # wait for the step
-        times.append(time.perf_counter() - start)
-    return {"replicas": replicas, "sharded": sharded, "params": params,
-            "state_bytes_per_replica": zero.state_bytes_per_replica(optimizer),
-            "median_step_s": float(np.median(times)), "steps": steps}
+        for mode in modes:
+            _, optimizer, train_step = runs[mode]
+            start = time.perf_counter()
+            train_step(*b)
+            optimizer.iterations.numpy()  # wait for the step
+            times[mode].append(time.perf_counter() - start)
+    anchor = np.array(times["unsharded"])
+    params = sum(int(np.prod(v.shape)) for v in runs["unsharded"][0].trainable_variables)
+    fused_here = bool(getattr(fused, "mirrored_devices", None)) and fused.enabled()
+    out = {"replicas": replicas, "params": params, "steps": steps,
+           "strategy": "MWMS, 1 CPU per worker process" if mwms else
+           f"MirroredStrategy over {replicas} logical CPUs",
+           "replicated_path": ("fused chunks per device (fused.mirrored_devices)" if fused_here
+                               else "per-variable (extended.update)"), "modes": {}}
+    for mode in modes:
+        _, optimizer, _ = runs[mode]
+        t = np.array(times[mode])
+        row = {"state_bytes_per_replica": zero.state_bytes_per_replica(optimizer),
+               "median_step_s": float(np.median(t)),
+               "median_ratio": float(np.median(t / anchor))}
+        if mode != "unsharded":
+            row["exchange"] = zero.exchange_path(optimizer)
+            # the Embedding's gradient: IDS_PER_EXAMPLE rows per example of a replica's batch
+            row["bytes_sent"] = zero.bytes_sent_per_replica(
+                optimizer, sparse_rows=per_replica * IDS_PER_EXAMPLE)
+        out["modes"][mode] = row
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", default="1,2,4", help="comma list of N")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
-    parser.add_argument("--child", nargs=2, metavar=("N", "SHARDED"), help=argparse.SUPPRESS)
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--steps", type=int, default=30,
+                        help="timed rounds (one step of each configuration) per N")
+    parser.add_argument("--quick", action="store_true", help="N = 2, 4; 12 rounds (~1 min)")
+    parser.add_argument("--mwms", action="store_true",
+                        help="also MultiWorkerMirroredStrategy over 2 worker processes "
+                             "(radam-dist launch; unsharded and all-reduce+slice)")
+    parser.add_argument("--child", type=int, metavar="N", help=argparse.SUPPRESS)
+    parser.add_argument("--child-mwms", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    if args.child:
-        print("RESULT " + json.dumps(child(int(args.child[0]), args.child[1] == "1", args.steps)))
+    if args.child_mwms:
+        result = child(0, args.steps, mwms=True)
+        if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 0:
+            print("RESULT " + json.dumps(result), flush=True)
         return 0
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.steps)))
+        return 0
+    if args.quick:
+        args.replicas, args.steps = "2,4", 12
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    rows = []
-    for n in [int(x) for x in args.replicas.split(",")]:
-        for sharded in (False, True):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", str(n), str(int(sharded)),
-                 "--steps", str(args.steps)], env=env, capture_output=True, text=True, check=True)
-            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1]
-            rows.append(json.loads(line[len("RESULT "):]))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"model: {rows[0]['params']} float32 parameters; global batch {BATCH}; "
-          f"{args.steps} timed steps")
-    print("| N | state bytes/replica, unsharded | sharded | ratio | median step unsharded | "
-          "sharded | ratio |")
+    env.pop("RADAM_DIST_ZERO_EXCHANGE", None)
+    results = []
+    commands = [[sys.executable, __file__, "--child", str(n), "--steps", str(args.steps)]
+                for n in [int(x) for x in args.replicas.split(",")]]
+    if args.mwms:
+        commands.append([sys.executable, "-m", "radam_dist.cli", "launch", "--workers", "2",
+                         "--", sys.executable, __file__, "--child-mwms", "--steps",
+                         str(args.steps)])
+    for command in commands:
+        out = subprocess.run(command, env=env, capture_output=True, text=True)
+        n = command[command.index("--steps") - 1]
+        if out.returncode:
+            sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
+            raise SystemExit(f"child N={n} failed ({out.returncode})")
+        line = [l for l in out.stdout.splitlines() if "RESULT " in l][-1]
+        results.append(json.loads(line[line.index("RESULT ") + len("RESULT "):]))
+    first = results[0]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f} at the end; model: {first['params']:,} float32 "
+          f"parameters (Embedding {VOCAB}x{DIM}, sparse gradient); global batch {BATCH}; "
+          f"{args.steps} interleaved rounds; unsharded anchor: {first['replicated_path']}")
+    print("| strategy, N | configuration (exchange) | state bytes/replica | bytes sent/replica/"
+          "step (reduce + gather) | bytes vs unsharded | median step | median ratio to "
+          "unsharded |")
     print("|---|---|---|---|---|---|---|")
-    by = {(r["replicas"], r["sharded"]): r for r in rows}
-    for n in sorted({r["replicas"] for r in rows}):
-        a, b = by[(n, False)], by[(n, True)]
-        print(f"| {n} | {a['state_bytes_per_replica']:,} | {b['state_bytes_per_replica']:,} | "
-              f"{b['state_bytes_per_replica'] / a['state_bytes_per_replica']:.3f} | "
-              f"{a['median_step_s'] * 1e3:.1f} ms | {b['median_step_s'] * 1e3:.1f} ms | "
-              f"{b['median_step_s'] / a['median_step_s']:.2f} |")
+    for res in results:
+        n = res["replicas"]
+        unsharded_bytes = next((m["bytes_sent"]["unsharded"] for m in res["modes"].values()
+                                if "bytes_sent" in m), 0)
+        for mode, row in res["modes"].items():
+            if mode == "unsharded":
+                sent, rel, name = f"{unsharded_bytes:,}", "1.00", "unsharded (all-reduce)"
+            else:
+                b = row["bytes_sent"]
+                sent = f"{b['total']:,} ({b['reduce']:,} + {b['gather']:,})"
+                rel = f"{b['total'] / unsharded_bytes:.2f}" if unsharded_bytes else "-"
+                name = f"ZeRO-1 ({row['exchange']})"
+            where = "MWMS" if res["strategy"].startswith("MWMS") else "Mirrored"
+            print(f"| {where}, {n} | {name} | {row['state_bytes_per_replica']:,} | {sent} | "
+                  f"{rel} | {row['median_step_s'] * 1e3:.1f} ms | {row['median_ratio']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(results, f, indent=2)
     return 0
 
 

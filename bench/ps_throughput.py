@@ -12,16 +12,26 @@ time, median over --repeats:
 
 ratio = push_pull / echo: the cost of everything besides moving the bytes (tensor
 assembly, validation, the optimizer step, the parameter snapshot). push_pull and echo take
-turns (order rotated every repeat) so that load from other processes falls on both alike.
+turns (order rotated every repeat) so that load from other processes falls on both alike;
+"turns" is the median of the repeat-by-repeat ratios (each push_pull over the echo next to
+it), steadier than the ratio of the medians when the load changes. The load average is
+printed with each size: on a loaded machine the PS (more CPU per byte) suffers more than the
+echo, and ratios rise.
 
-The split (second table) times each piece of a push_pull alone, in this process, on the same
-arrays and through the same functions the server and client run: client encode (gradients to
-serialized PushRequests), server decode (parse + TensorAssembler), validate (the declared-shape
-and finiteness checks), apply (one RAdam step), snapshot (ParameterStore.read), server encode
-(values to serialized PullResponses), client decode. wire = the echo round trip; rest =
-push_pull - wire - the pieces (negative where pieces overlap the wire across the two cores).
+The server's own split (second table) is the median of the "PushPull split ms" lines the
+server logs for the timed calls: wire_in (waiting for the upload), decode (split_message +
+TensorAssembler, NaN/Inf checked chunk by chunk), validate (the remaining checks), apply (one
+RAdam step; the write-ahead log if on), snapshot (ParameterStore.read), encode (values to
+PullResponse bytes), wire_out (streaming them, less encoding).
+
+The in-process split (third table) times each piece of a push_pull alone, in this process, on
+the same arrays and through the same functions the server and client run: client encode
+(gradients to serialized PushRequests), server decode, validate, apply, snapshot, server
+encode, client decode. wire = the echo round trip; rest = push_pull - wire - the pieces
+(negative where pieces overlap the wire across the two cores).
 
     .venv/bin/python bench/ps_throughput.py [--sizes 10e6 100e6] [--repeats 5] [--no-split]
+    .venv/bin/python bench/ps_throughput.py --quick   # push_pull vs echo + splits, about a minute
 """
 
 from __future__ import annotations
@@ -70,11 +80,13 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def interleaved(fns, repeats):
-    """Median seconds of each of ``fns``, run in turns (rotated every repeat) after a warm-up."""
+def interleaved(fns, repeats, times=None):
+    """Median seconds of each of ``fns``, run in turns (rotated every repeat) after a warm-up;
+    ``times`` (a list) receives every repeat's seconds, one list per fn."""
     for fn in fns:
         fn()
-    times = [[] for _ in fns]
+    times = times if times is not None else []
+    times[:] = [[] for _ in fns]
     for rep in range(repeats):
         order = list(range(len(fns)))
         order = order[rep % len(fns):] + order[:rep % len(fns)]
@@ -96,7 +108,8 @@ def split(values, grads, chunk_bytes: int, repeats: int) -> dict:
     from radam_dist.ps.proto import pb
     from radam_dist.ps.service import ServeOptions, ShardService
     from radam_dist.ps.store import VariableSpec
-    from radam_dist.ps.tensors import TensorAssembler, chunk_tensor, parse_chunk_message, serialized_chunks
+    from radam_dist.ps.tensors import (TensorAssembler, parse_chunk_message, serialized_chunks,
+                                       split_message)
 
     service = ShardService(ServeOptions(chunk_bytes=chunk_bytes))
     store = service.store
@@ -108,16 +121,19 @@ def split(values, grads, chunk_bytes: int, repeats: int) -> dict:
         state["raw"] = [raw for k in sorted(grads)  # what PSClient sends
                         for raw in serialized_chunks(pb, k, pb.GRADIENT, grads[k], pb.PushRequest, chunk_bytes)]
 
-    def server_decode():
-        assembler = TensorAssembler(1 << 62, service._PUSH_ROLES, service._expect_push, service.budget)
+    def server_decode():  # as ShardService._receive does with the bytes gRPC hands it
+        assembler = TensorAssembler(1 << 62, service._PUSH_ROLES, service._expect_push, service.budget,
+                                    check_finite=True)
         for raw in state["raw"]:
-            assembler.add(pb.PushRequest.FromString(raw).chunk)
+            _, _, chunk, data = split_message(pb, pb.PushRequest, raw)
+            assembler.add(chunk, data)
         state["tensors"] = assembler.finish()
+        state["finite"] = {name: ok for (name, _), ok in assembler.finite().items()}
         assembler.release()
 
     def validate():
         state["grads"] = service._gradients(state["tensors"])
-        store.check_gradients(state["grads"])
+        store.check_gradients(state["grads"], "reject", state["finite"])
 
     def apply():
         store.apply(state["grads"])
@@ -125,10 +141,13 @@ def split(values, grads, chunk_bytes: int, repeats: int) -> dict:
     def snapshot():
         state["snapshot"] = store.read(store.names)
 
-    def server_encode():
-        state["pull"] = [m.SerializeToString() for k in sorted(state["snapshot"])
-                         for m in chunk_tensor(pb, k, pb.VALUE, state["snapshot"][k], chunk_bytes,
-                                               wrap=pb.PullResponse)]
+    def server_encode():  # as ShardService._stream_values does
+        state["pull"] = [raw for k in sorted(state["snapshot"])
+                         for raw in serialized_chunks(pb, k, pb.VALUE, state["snapshot"][k],
+                                                      pb.PullResponse, chunk_bytes)]
+        # Let go of the views as the server does: a live view makes the next step copy the
+        # variable first (copy-on-write), which the server never pays.
+        del state["snapshot"]
 
     def client_decode():
         assembler = TensorAssembler(1 << 62, frozenset({pb.VALUE}))
@@ -182,6 +201,8 @@ def main() -> int:
     parser.add_argument("--echo-default-allocator", action="store_true",
                         help="the echo server keeps glibc's default malloc thresholds (a slower anchor)")
     parser.add_argument("--no-split", action="store_true", help="skip the in-process time split")
+    parser.add_argument("--quick", action="store_true",
+                        help="push_pull vs echo only (no push / pull alone), 5 repeats: about a minute")
     args = parser.parse_args()
 
     from radam_dist.ps.client import PSClient
@@ -189,7 +210,7 @@ def main() -> int:
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name'"], capture_output=True, text=True).stdout
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {cpu.strip()}")
     print(f"{'params':>12} {'MB':>7} {'push s':>8} {'pull s':>8} {'push_pull s':>11} {'echo s':>8} "
-          f"{'ratio':>6} {'PS GB/s':>8} {'echo GB/s':>9}")
+          f"{'ratio':>6} {'turns':>6} {'PS GB/s':>8} {'echo GB/s':>9}  load (1 min, start-end)")
     splits, server_side = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -214,14 +235,17 @@ def main() -> int:
                 client.register(values, {"learning_rate": 1e-3})
                 grads = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in values.items()}
                 nbytes = 4 * n
-                t_push = timed(lambda: client.push(grads), args.repeats)
-                t_pull = timed(lambda: client.pull(), args.repeats)
+                t_push = float("nan") if args.quick else timed(lambda: client.push(grads), args.repeats)
+                t_pull = float("nan") if args.quick else timed(lambda: client.pull(), args.repeats)
+                load0, turns = os.getloadavg()[0], []
                 t_pp, t_echo = interleaved(
                     [lambda: client.push_pull(grads),
-                     lambda: echo_round_trip(echo_channel, nbytes, args.chunk_bytes)], args.repeats)
+                     lambda: echo_round_trip(echo_channel, nbytes, args.chunk_bytes)], args.repeats,
+                    turns)
+                pair = statistics.median(a / b for a, b in zip(*turns))
                 print(f"{n:>12,} {nbytes / 1e6:>7.0f} {t_push:>8.3f} {t_pull:>8.3f} {t_pp:>11.3f} "
-                      f"{t_echo:>8.3f} {t_pp / t_echo:>6.2f} {2 * nbytes / t_pp / 1e9:>8.2f} "
-                      f"{2 * nbytes / t_echo / 1e9:>9.2f}", flush=True)
+                      f"{t_echo:>8.3f} {t_pp / t_echo:>6.2f} {pair:>6.2f} {2 * nbytes / t_pp / 1e9:>8.2f} "
+                      f"{2 * nbytes / t_echo / 1e9:>9.2f}  {load0:.1f}-{os.getloadavg()[0]:.1f}", flush=True)
                 client.close()
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
@@ -233,10 +257,15 @@ def main() -> int:
             for p in procs:
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGKILL)
-    print("\nserver side of push_pull (ms, median of the timed calls; receive = waiting for and "
-          "decoding the upload, push = validate + apply, send = encode + streaming the values)")
+    print("\nserver side of push_pull (ms, medians of its own \"PushPull split ms\" log lines for the "
+          "timed calls; wire_in = waiting for the upload, wire_out = streaming the values less "
+          "encoding them)")
+    keys = [k for k in ("wire_in", "decode", "validate", "apply", "snapshot", "encode", "wire_out")
+            if any(k in parts for _, parts in server_side)]
+    print(f"{'params':>12} " + " ".join(f"{k:>9}" for k in keys) + f" {'sum':>9}")
     for n, parts in server_side:
-        print(f"{n:>12,} " + " ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+        print(f"{n:>12,} " + " ".join(f"{parts.get(k, float('nan')):>9.1f}" for k in keys)
+              + f" {sum(parts.get(k, 0.0) for k in keys):>9.1f}")
     if splits:
         print("\nsplit of push_pull (ms; pieces timed alone in this process, median of "
               f"{args.repeats}; rest = push_pull - wire - pieces)")

@@ -11,13 +11,20 @@ The math is still ``radam_math.apply_dense``, traced inside ``tf.function(jit_co
 ``radam_math._rounded`` keeps XLA from contracting products into FMAs, so the results are
 bit-for-bit those of the per-variable path (``tests/test_fused_equivalence.py``); inside a
 caller's own jit_compile, where XLA contracts freely, they agree to round-off. Sparse
-gradients and variables under a tf.distribute strategy stay on the per-variable path.
+gradients stay on the per-variable path.
+
+Under MirroredStrategy and MultiWorkerMirroredStrategy (``mirrored_devices``) every local
+device updates its own copies of the variables: one set of compiled chunks per device, placed
+there (``device=``), fed that device's copy of the all-reduced gradients and of the step
+scalars, bit-for-bit the per-variable ``extended.update`` (``tests/test_fused_strategies.py``).
+ParameterServerStrategy keeps the per-variable path: its variables live on the servers.
 
 Set ``RADAM_DIST_FUSED=0`` in the environment to take the per-variable path everywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -58,14 +65,41 @@ def enabled() -> bool:
 
 
 def applicable(distribution) -> bool:
-    """The fast path serves the default (no tf.distribute) strategy.
-
-    Under a real strategy each variable is updated through ``extended.update`` on the device
-    that holds it (a parameter server, a mirror), which the per-variable path keeps doing.
-    """
+    """The fast path serves the default (no tf.distribute) strategy here; under
+    MirroredStrategy / MWMS see ``mirrored_devices``."""
     return enabled() and not tf.distribute.has_strategy() and (
         distribution is None or distribution is tf.distribute.get_strategy()
     )
+
+
+def mirrored_devices(distribution) -> Optional[Tuple[str, ...]]:
+    """The local devices whose copies the update writes itself, or None (per-variable path).
+
+    Only MirroredStrategy and MultiWorkerMirroredStrategy in cross-replica context (inside
+    the optimizer's merge_call) qualify: there every variable is a mirror with one copy per
+    local device, and ``extended.update`` would run the per-variable update on each copy in
+    turn. Elsewhere (ParameterServerStrategy, whose variables live on the servers; a replica
+    context without merge_call, as under XLA on GPUs) the per-variable path stays.
+    """
+    from tensorflow.python.distribute import mirrored_strategy  # pylint: disable=import-outside-toplevel
+
+    if (not enabled() or distribution is None or not tf.distribute.in_cross_replica_context()
+            or not isinstance(distribution.extended, mirrored_strategy.MirroredExtended)):
+        return None
+    return tuple(distribution.extended.worker_devices)
+
+
+def local_value(distribution, value, index: int):
+    """Device ``index``'s component of ``value`` (a PerReplica / Mirrored value from
+    merge_call), or ``value`` itself where it is the same on every device."""
+    if isinstance(value, tf.distribute.DistributedValues):
+        return distribution.experimental_local_results(value)[index]
+    return value
+
+
+def local_scalars(distribution, scalars: radam_math.StepScalars, index: int):
+    """The step scalars of device ``index`` (each field its component there)."""
+    return radam_math.StepScalars(*(local_value(distribution, x, index) for x in scalars))
 
 
 def is_dense_float(grad, var) -> bool:
@@ -169,12 +203,25 @@ def _group_key(update: DenseUpdate) -> Tuple[int, bool, bool]:
     return id(s.lr), s.has_weight_decay, update.vhat is not None
 
 
-def apply_dense(updates: Sequence[DenseUpdate], cache: Optional[dict] = None) -> None:
+def apply_dense(updates: Sequence[DenseUpdate], cache: Optional[dict] = None,
+                device: Optional[str] = None) -> None:
     """Apply every update, grouped by shared step scalars, in compiled chunks.
 
-    ``cache`` (the optimizer's) keeps the compiled functions from step to step.
+    ``cache`` (the optimizer's) keeps the compiled functions from step to step. ``device``
+    (a mirror's copies, see ``mirrored_devices``) places the chunks there, each device with
+    compilations of its own.
     """
     cache = {} if cache is None else cache
+    with _placed(device):
+        _apply_dense(updates, cache, device)
+
+
+def _placed(device: Optional[str]):
+    # tf.device(None) would clear the caller's device scope inside a tf.function.
+    return contextlib.nullcontext() if device is None else tf.device(device)
+
+
+def _apply_dense(updates: Sequence[DenseUpdate], cache: dict, device: Optional[str]) -> None:
     groups: Dict[Tuple[int, bool, bool], List[DenseUpdate]] = {}
     for update in updates:
         groups.setdefault(_group_key(update), []).append(update)
@@ -192,7 +239,7 @@ def apply_dense(updates: Sequence[DenseUpdate], cache: Optional[dict] = None) ->
             )
 
         def key(chunk, variant=(scalars.has_weight_decay, group[0].vhat is not None)):
-            return ("radam",) + variant + tuple(
+            return ("radam", device) + variant + tuple(
                 (u.var.dtype.name, tuple(u.var.shape), u.grad.dtype.name) for u in chunk)
 
         _in_chunks(group, cache, key, _compiled_dense_update, call)
@@ -203,19 +250,79 @@ def pull_back(
     slow_step_size: float,
     one: tf.Tensor,
     cache: Optional[dict] = None,
+    device: Optional[str] = None,
 ) -> None:
     """Lookahead's synchronisation (``radam_math.lookahead_pull_back``) for every
     (fast, slow) pair, in compiled chunks: one pass over each pair instead of five TF kernels.
 
     ``one`` is a runtime 1.0 (see ``radam_math._rounded``) and alpha a runtime argument,
-    which keeps the result bit-for-bit that of the per-variable path.
+    which keeps the result bit-for-bit that of the per-variable path. ``device``: as in
+    ``apply_dense``.
     """
     cache = {} if cache is None else cache
-    alpha = tf.constant(slow_step_size, tf.float32)
-    _in_chunks(
-        pairs, cache,
-        key=lambda chunk: ("lookahead",) + _shapes(var for var, _ in chunk),
-        compile_fn=_compiled_pull_back,
-        call=lambda compiled, chunk: compiled(
-            [var for var, _ in chunk], [slow for _, slow in chunk], alpha, one),
-    )
+    with _placed(device):
+        alpha = tf.constant(slow_step_size, tf.float32)
+        _in_chunks(
+            pairs, cache,
+            key=lambda chunk: ("lookahead", device) + _shapes(var for var, _ in chunk),
+            compile_fn=_compiled_pull_back,
+            call=lambda compiled, chunk: compiled(
+                [var for var, _ in chunk], [slow for _, slow in chunk], alpha, one),
+        )
+
+
+# -- ZeRO-1: one replica's shard (radam_dist/distribute/zero.py) ----------------------------------
+def _compiled_rows_update():
+    """A fresh XLA-compiled function over a shard's rows: like ``_compiled_dense_update``,
+    but the variables are row tensors (the replica's chunk of each variable, a transient
+    value, see ``zero._Rows``); returns their new values."""
+    from radam_dist.distribute.zero import _Rows  # pylint: disable=import-outside-toplevel
+
+    @_xla_compiled
+    def apply_rows_chunk(rows, ms, vs, vhats, grads, scalars):
+        out = []
+        for i, value in enumerate(rows):
+            grad = grads[i]
+            if i > 0 and (value.shape.num_elements() or 0) >= ORDER_MIN_ELEMENTS:
+                grad = _after(grad, out[-1])
+            work = _Rows(value)
+            radam_math.apply_dense(work, grad, ms[i], vs[i], vhats[i] if vhats else None,
+                                   scalars)
+            out.append(work.value)
+        return out
+
+    return apply_rows_chunk
+
+
+def apply_dense_rows(rows: Sequence[tf.Tensor], grads: Sequence[tf.Tensor],
+                     ms: Sequence[tf.Variable], vs: Sequence[tf.Variable],
+                     vhats: Sequence[Optional[tf.Variable]],
+                     scalars: Sequence[radam_math.StepScalars],
+                     cache: Optional[dict] = None, device: Optional[str] = None) -> List[tf.Tensor]:
+    """ZeRO-1's local update: ``radam_math.apply_dense`` on each shard (``rows[i]``, its
+    gradient rows and its m / v / vhat slot copies), in compiled chunks of ``MAX_GROUP``;
+    returns the new rows, in the order given. Bit for bit the per-variable path's (the
+    scalars are computed outside, as in ``apply_dense``)."""
+    cache = {} if cache is None else cache
+    out: List[Optional[tf.Tensor]] = [None] * len(rows)
+    groups: Dict[tuple, List[int]] = {}
+    for i, s in enumerate(scalars):
+        groups.setdefault((id(s.lr), s.has_weight_decay, vhats[i] is not None), []).append(i)
+    with _placed(device):
+        for (_, has_decay, has_vhat), members in groups.items():
+            members = sorted(members, key=lambda i: (rows[i].dtype.name, tuple(rows[i].shape)))
+            for start in range(0, len(members), MAX_GROUP):
+                chunk = members[start : start + MAX_GROUP]
+                key = ("radam-rows", device, has_decay, has_vhat) + tuple(
+                    (rows[i].dtype.name, tuple(rows[i].shape), grads[i].dtype.name)
+                    for i in chunk)
+                compiled = cache.get(key)
+                if compiled is None:
+                    compiled = cache[key] = _compiled_rows_update()
+                new = compiled([rows[i] for i in chunk], [ms[i] for i in chunk],
+                               [vs[i] for i in chunk],
+                               [vhats[i] for i in chunk] if has_vhat else [],
+                               [grads[i] for i in chunk], scalars[chunk[0]])
+                for i, value in zip(chunk, new):
+                    out[i] = value
+    return out

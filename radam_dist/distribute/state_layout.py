@@ -19,10 +19,11 @@ layout or replica count loads under any other. A new layout is one subclass.
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
+from tensorflow.python.distribute import device_util
 
 from radam_dist.distribute import collective_keys
 
@@ -72,6 +73,19 @@ class StateLayout:
             return None
         slot = per_var[optimizer._get_variable_index(var)]
         return slot.value if isinstance(slot, keras.Variable) else slot
+
+    def local_copies(self, distribution, variable, devices: Sequence[str]) -> Optional[tuple]:
+        """``variable``'s copy on each of ``devices`` (``fused.mirrored_devices``), in that
+        order, for an update that writes each device's copy itself; None where ``variable``
+        is not a mirror with exactly those copies (it then takes ``extended.update``)."""
+        if not isinstance(variable, tf.distribute.DistributedValues):
+            return None
+        copies = tuple(distribution.experimental_local_results(variable))
+        if len(copies) != len(devices) or any(
+                device_util.canonicalize(c.device) != device_util.canonicalize(d)
+                for c, d in zip(copies, devices)):
+            return None
+        return copies
 
     # -- inspection -----------------------------------------------------------------------
     def slot_names(self, optimizer) -> List[str]:

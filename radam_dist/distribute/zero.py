@@ -6,11 +6,14 @@ padded. Replica r keeps m, v (and vhat) only for chunk r, in ``tf.Variable``s wi
 ``synchronization=ON_READ, aggregation=NONE`` (each replica's copy is a different chunk).
 A step:
 
-1. gradients are summed across replicas (the same all-reduce as without sharding; the
-   ReplicaContext has no reduce-scatter) and each replica slices out its chunk;
+1. each replica gets its chunk of the summed gradients: under a single-worker
+   MirroredStrategy by a reduce-scatter in the step's own graph (``local-reduce-scatter``),
+   elsewhere by Keras' all-reduce and a slice (``all-reduce+slice``); ``choose_exchange``
+   says why (TensorFlow has no CPU reduce-scatter collective);
 2. each replica runs radam_math's update on its chunk (the chunk of the variable is a
-   transient tensor in a ``_Rows`` cell, which radam_math reads and assigns like a variable);
-3. the updated chunks are all-gathered and every replica assigns the whole variable.
+   transient tensor in a ``_Rows`` cell, which radam_math reads and assigns like a variable;
+   dense gradients of the local exchange in compiled chunks, ``fused.apply_dense_rows``);
+3. the updated chunks are all-gathered into every replica's copy of the variable.
 
 So per replica the optimizer state is 2/N of the parameters (m, v) instead of 2x (3/N and 3x
 with amsgrad). This is the ``ReplicaSharded`` state layout (state_layout.py): from outside
@@ -23,8 +26,11 @@ ZeRO off, or without a strategy.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
-from typing import Dict, List, Sequence
+import os
+from typing import Dict, List, Optional, Sequence
 
 import keras
 import tensorflow as tf
@@ -33,6 +39,7 @@ from radam_dist import radam_math
 from radam_dist.distribute.state_layout import StateLayout
 
 _VARIABLE_VALUE = "VARIABLE_VALUE"  # the checkpoint key of a tf.Variable's value
+_log = logging.getLogger(__name__)
 
 class _Rows:
     """A transient stand-in for a variable: radam_math reads it, assigns it and scatter-adds
@@ -273,6 +280,8 @@ class ReplicaSharded(StateLayout):
 
     def __init__(self):
         self.state = None
+        self.exchange = None  # how the last traced step exchanged gradients (choose_exchange)
+        self.sparse_index_bytes = {}  # variables whose gradients were IndexedSlices
         self._insert_at = None
         self._checkpoint_list = None
 
@@ -332,12 +341,163 @@ class ReplicaSharded(StateLayout):
         return 0 if self.state is None else self.state.local_bytes()
 
 
+# -- how the gradients reach each replica's shard -------------------------------------------------
+# The exchange a step uses (``ReplicaSharded.exchange`` / ``exchange_path``):
+LOCAL_REDUCE_SCATTER = "local-reduce-scatter"
+ALL_REDUCE_SLICE = "all-reduce+slice"
+
+# ``all-reduce`` forces the all-reduce + slice exchange everywhere (to compare the two).
+EXCHANGE_ENV = "RADAM_DIST_ZERO_EXCHANGE"
+
+_logged_paths: set = set()
+
+
+def choose_exchange(optimizer, strategy) -> tuple:
+    """(exchange, why): how this step moves gradients to the shards and rows back.
+
+    TensorFlow 2.21 implements ``CollectiveReduceScatterV2`` only with NCCL: on CPU the
+    collective executor has no reduce-scatter ("CollectiveRegistry::Lookup did not find
+    collective implementation undef", under MirroredStrategy and MWMS alike, whatever the
+    communication hint), and the failed collective aborts every later one in the process.
+    So:
+
+    * single-worker MirroredStrategy (every replica a device of this process): the exchange
+      is done in the step's own graph, without collective ops: replica r's shard is the sum
+      of every replica's rows r (each replica sends (N-1)/N of its gradients, a
+      reduce-scatter's bytes), and each replica's new rows are copied to the others (an
+      all-gather);
+    * MultiWorkerMirroredStrategy, or where the step needs the whole summed gradient
+      (clipping by norm, the float16 all-reduce, a replica context without merge_call):
+      Keras' all-reduce, then each replica slices its rows, then an all-gather.
+    """
+    if os.environ.get(EXCHANGE_ENV, "").strip().lower() in ("all-reduce", "allreduce"):
+        return ALL_REDUCE_SLICE, f"{EXCHANGE_ENV}=all-reduce"
+    extended = strategy.extended
+    if extended._in_multi_worker_mode():
+        return ALL_REDUCE_SLICE, ("multi-worker: TensorFlow has no CPU reduce-scatter "
+                                  "collective (CollectiveReduceScatterV2 is NCCL only)")
+    if not isinstance(strategy, tf.distribute.MirroredStrategy):
+        return ALL_REDUCE_SLICE, f"{type(strategy).__name__}"
+    use_merge_call = getattr(extended, "_use_merge_call", lambda: True)
+    if not use_merge_call():
+        return ALL_REDUCE_SLICE, "replica context without merge_call (XLA on GPUs)"
+    if getattr(optimizer, "all_reduce_dtype", None) is not None:
+        return ALL_REDUCE_SLICE, "all_reduce_dtype (compressed all-reduce) is set"
+    for name in ("clipnorm", "global_clipnorm"):
+        if (getattr(optimizer, name, None) or 0) > 0:
+            return ALL_REDUCE_SLICE, f"{name} needs the whole summed gradient"
+    return LOCAL_REDUCE_SCATTER, "single-worker MirroredStrategy: in-graph reduce-scatter"
+
+
+def _note_exchange(optimizer, layout, exchange: str, why: str) -> None:
+    if layout is not None:
+        layout.exchange = exchange
+    key = (exchange, why)
+    if key not in _logged_paths:
+        _logged_paths.add(key)
+        _log.info("ZeRO-1 (%s): gradients by %s (%s)", getattr(optimizer, "name", "optimizer"),
+                  exchange, why)
+
+
+def exchange_path(optimizer) -> Optional[str]:
+    """The exchange the last traced ZeRO step of ``optimizer`` (or of Lookahead's inner
+    optimizer) used: ``LOCAL_REDUCE_SCATTER``, ``ALL_REDUCE_SLICE``, or None (not sharded /
+    not stepped yet)."""
+    for opt in (getattr(optimizer, "inner_optimizer", None), optimizer):  # gradients first
+        layout = getattr(opt, "_state_layout", None)
+        if getattr(layout, "exchange", None):
+            return layout.exchange
+    return None
+
+
+def bytes_sent_per_replica(optimizer, exchange: Optional[str] = None,
+                           sparse_rows: int = 0) -> Dict[str, int]:
+    """Bytes one replica sends per step, by formula from the shapes and the algorithm.
+
+    N replicas; a dense variable of G bytes, P padded to N * ceil(rows / N) rows; a variable
+    with a sparse gradient (as traced) of k rows per replica (``sparse_rows``), R bytes a
+    row, X bytes an index. Exchanges:
+
+    * ``unsharded`` (the replicated step, for comparison): TensorFlow's ring all-reduce
+      2 (N-1)/N G; IndexedSlices all-gathered (CollectiveReplicaLauncher's
+      all_reduce_indexed_slices, ring): (N-1) k (R + X);
+    * ``all-reduce+slice``: the same, then the ring all-gather of the new rows (N-1)/N P for
+      every variable, the sparse ones included: 1.5 times an all-reduce for dense ones;
+    * ``local-reduce-scatter``: rows r' of each dense gradient to replica r', (N-1)/N P, and
+      the new rows back, (N-1)/N P; a sparse gradient's entries to every other replica,
+      (N-1) k (R + X), and the changes of the touched rows back, counted as (N-1) k (R + X)
+      (touched rows spread evenly over the shards; duplicates send less, at most N k rows).
+
+    The few bytes of sizes the sparse all-gather exchanges first are left out.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    layout = getattr(inner, "_state_layout", None)
+    state = getattr(layout, "state", None)
+    if state is None:
+        raise ValueError("bytes_sent_per_replica: the optimizer has no replica-sharded state")
+    exchange = exchange or exchange_path(inner) or ALL_REDUCE_SLICE
+    sparse = getattr(layout, "sparse_index_bytes", {})  # variable index -> X
+    n = state._strategy.num_replicas_in_sync
+    unsharded = reduce = gather = 0
+    for index, shards in enumerate(state._shards):
+        row = shards.row_shape.num_elements() * shards.dtype.size
+        g, p = shards.rows * row, shards.rows_per_replica * n * row
+        if index in sparse:
+            entries = (n - 1) * sparse_rows * (row + sparse[index])
+            unsharded += entries
+            reduce += entries
+            gather += entries if exchange == LOCAL_REDUCE_SCATTER else (n - 1) * p // n
+        else:
+            unsharded += 2 * (n - 1) * g // n
+            if exchange == LOCAL_REDUCE_SCATTER:
+                reduce += (n - 1) * p // n
+            else:
+                reduce += 2 * (n - 1) * g // n
+            gather += (n - 1) * p // n
+    return {"exchange": exchange, "replicas": n, "reduce": reduce, "gather": gather,
+            "total": reduce + gather, "unsharded": unsharded}
+
+
 def apply_gradients(optimizer, state: ShardedState, grads: Sequence, variables: Sequence) -> None:
     """One RAdam step with replica-sharded slots (see the module docstring)."""
     ctx = tf.distribute.get_replica_context()
     if ctx is None:
         raise ValueError("shard_optimizer_state=True: apply() must run in a replica context")
     variables = [_unwrap(v) for v in variables]
+    exchange, why = choose_exchange(optimizer, state._strategy)
+    layout = getattr(optimizer, "_state_layout", None)
+    _note_exchange(optimizer, layout, exchange, why)
+    if layout is not None:  # for bytes_sent_per_replica
+        layout.sparse_index_bytes = {
+            state._index[optimizer._var_key(var)]: grad.indices.dtype.size
+            for grad, var in zip(grads, variables) if isinstance(grad, tf.IndexedSlices)}
+    if exchange == LOCAL_REDUCE_SCATTER:
+        ctx.merge_call(functools.partial(_local_step, optimizer, state, variables),
+                       args=(list(grads),))
+        return
+    _all_reduce_step(ctx, optimizer, state, grads, variables)
+
+
+def _scalars_for(optimizer, var, scalars: dict):
+    dtype = radam_math.compute_dtype(var.dtype)
+    if dtype.name not in scalars:
+        scalars[dtype.name] = optimizer.step_scalars(optimizer.learning_rate, dtype)
+    s = scalars[dtype.name]
+    if s.has_weight_decay and not optimizer._use_weight_decay(var):
+        s = s._replace(has_weight_decay=False)
+    return s
+
+
+def _sparse_rows(grad: tf.IndexedSlices, first, rows: int):
+    """(values, indices - first) of the entries of ``grad`` inside rows [first, first+rows)."""
+    first = tf.cast(first, grad.indices.dtype)
+    inside = tf.logical_and(grad.indices >= first, grad.indices < first + rows)
+    positions = tf.reshape(tf.where(inside), [-1])
+    return tf.gather(grad.values, positions), tf.gather(grad.indices, positions) - first
+
+
+def _all_reduce_step(ctx, optimizer, state, grads, variables) -> None:
+    """Keras' all-reduce, each replica's rows sliced out, updated, all-gathered."""
     grads_and_vars = list(zip(grads, variables))
     if getattr(optimizer, "_aggregate_gradients", True):
         grads_and_vars = optimizer._all_reduce_sum_gradients(grads_and_vars)
@@ -349,33 +509,172 @@ def apply_gradients(optimizer, state: ShardedState, grads: Sequence, variables: 
         if grad is None:
             new_values.append(tf.convert_to_tensor(var))
             continue
-        dtype = radam_math.compute_dtype(var.dtype)
-        if dtype.name not in scalars:
-            scalars[dtype.name] = optimizer.step_scalars(optimizer.learning_rate, dtype)
-        s = scalars[dtype.name]
-        if s.has_weight_decay and not optimizer._use_weight_decay(var):
-            s = s._replace(has_weight_decay=False)
+        s = _scalars_for(optimizer, var, scalars)
         shards = state.for_variable(optimizer, var)
         slots = {name: _this_replica(slot) for name, slot in shards.slots.items()}
         work = _Rows(tf.gather(shards.padded(tf.convert_to_tensor(var)), replica))
         m, v, vhat = slots["m"], slots["v"], slots.get("vhat")
         if isinstance(grad, tf.IndexedSlices):
-            first = tf.cast(replica * shards.rows_per_replica, grad.indices.dtype)
-            inside = tf.logical_and(grad.indices >= first,
-                                    grad.indices < first + shards.rows_per_replica)
-            positions = tf.reshape(tf.where(inside), [-1])
-            radam_math.apply_sparse(work, tf.gather(grad.values, positions),
-                                    tf.gather(grad.indices, positions) - first, m, v, vhat, s)
+            values, indices = _sparse_rows(grad, replica * shards.rows_per_replica,
+                                           shards.rows_per_replica)
+            radam_math.apply_sparse(work, values, indices, m, v, vhat, s)
         else:
             radam_math.apply_dense(work, tf.gather(shards.padded(grad), replica), m, v, vhat, s)
-        gathered = ctx.all_gather(tf.convert_to_tensor(work), axis=0)
-        new_values.append(shards.unpadded(gathered))
+        new_values.append((shards, tf.convert_to_tensor(work)))
+    new_values = _all_gather_bucketed(ctx, new_values)
 
     def assign_all(distribution, values):
         for var, value in zip(variables, values):
             distribution.extended.update(var, lambda x, y: x.assign(y), args=(value,), group=False)
 
     ctx.merge_call(assign_all, args=(new_values,))
+
+
+def _all_gather_bucketed(ctx, entries: list) -> list:
+    """All-gather every replica's new rows, one collective per dtype instead of one per
+    variable (under MWMS each collective is a round trip): ``entries`` holds a whole value
+    (no gradient: unchanged) or ``(shards, rows)``; returns the whole new values."""
+    buckets: Dict[str, list] = {}
+    for position, entry in enumerate(entries):
+        if isinstance(entry, tuple):
+            buckets.setdefault(entry[1].dtype.name, []).append(position)
+    out = list(entries)
+    for positions in buckets.values():
+        flat = [tf.reshape(entries[p][1], [-1]) for p in positions]
+        sizes = [int(f.shape[0]) for f in flat]
+        gathered = ctx.all_gather(tf.concat(flat, axis=0) if len(flat) > 1 else flat[0],
+                                  axis=0)
+        columns = tf.split(tf.reshape(gathered, [-1, sum(sizes)]), sizes, axis=1)
+        for p, column in zip(positions, columns):
+            shards = entries[p][0]
+            chunked = [shards.rows_per_replica * shards.num_replicas] + shards.row_shape.as_list()
+            out[p] = shards.unpadded(tf.reshape(column, chunked))
+    return out
+
+
+def _summed(pieces: Sequence[tf.Tensor]) -> tf.Tensor:
+    """pieces[0] + pieces[1] + ... in replica order (for N = 2 the all-reduce's bits)."""
+    total = pieces[0]
+    for piece in pieces[1:]:
+        total = total + piece
+    return total
+
+
+class _SparseRows(_Rows):
+    """A replica's rows of a variable under a sparse update: read like ``_Rows``, but the
+    scatter-adds are kept (``deltas``) rather than applied, so that every replica adds them
+    to its own copy of the variable in place: only the touched rows travel and change."""
+
+    def __init__(self, value):
+        super().__init__(value)
+        self.deltas: List[tf.IndexedSlices] = []
+
+    def assign(self, value):
+        raise RuntimeError("radam_math.apply_sparse assigns no whole variable")
+
+    def scatter_add(self, slices):
+        self.deltas.append(slices)
+
+
+def _local_step(optimizer, state: ShardedState, variables: Sequence, distribution,
+                grads: Sequence) -> None:
+    """The step in cross-replica context (single-worker MirroredStrategy, all devices here).
+
+    Reduce-scatter: on device r, rows r of every replica's dense gradient summed (a sparse
+    gradient: every replica's entries, as Keras' all-reduce of IndexedSlices concatenates
+    them, of which r keeps its rows). Update: device r's shard, dense gradients in compiled
+    chunks (``fused.apply_dense_rows``). All-gather: every device assigns its copy every
+    replica's new rows (a sparse update: adds the touched rows' changes in place).
+    No bucketing into flat buffers: in one graph the rows move without collectives, and a
+    flat buffer would only add two copies of every gradient.
+    """
+    from radam_dist import fused  # pylint: disable=import-outside-toplevel
+
+    devices = list(distribution.extended.worker_devices)
+    n = len(devices)
+    aggregate = getattr(optimizer, "_aggregate_gradients", True)
+    local = distribution.experimental_local_results
+    # one value per replica (a tensor that every replica passed is that value on each)
+    grads = [None if g is None else list(local(g)) if isinstance(
+        g, tf.distribute.DistributedValues) else [g] * n for g in grads]
+    if any(g is not None and len(g) != n for g in grads):
+        raise RuntimeError("ZeRO-1: a gradient has no value on every replica")
+    clip_value = getattr(optimizer, "clipvalue", None) or 0
+    use_fused = fused.enabled() and hasattr(fused, "apply_dense_rows")
+    cache = optimizer.__dict__.setdefault("_fused_compiled", {})  # untracked by Keras
+    present = [i for i, g in enumerate(grads) if g is not None]
+    shards = [state.for_variable(optimizer, var) for var in variables]
+    # new_rows[i][r]: variable i's rows r after the update (on device r), or for a sparse
+    # gradient the list of (values, indices into the variable) to add
+    new_rows: Dict[int, list] = {i: [None] * n for i in present}
+    sparse = set()
+    for r, device in enumerate(devices):
+        with tf.device(device):
+            scalars: dict = {}
+            dense = []  # (i, rows, grad rows, m, v, vhat, scalars)
+            for i in present:
+                var, sh = variables[i], shards[i]
+                s = _scalars_for(optimizer, var, scalars)
+                slots = {name: local(slot)[r] for name, slot in sh.slots.items()}
+                rows = sh.padded(tf.convert_to_tensor(local(var)[r]))[r]
+                per_replica = grads[i]
+                first = r * sh.rows_per_replica
+                if isinstance(per_replica[0], tf.IndexedSlices):
+                    sparse.add(i)
+                    if aggregate:  # Keras' all-reduce of IndexedSlices: every entry, in order
+                        grad = tf.IndexedSlices(
+                            tf.concat([g.values for g in per_replica], axis=0),
+                            tf.concat([g.indices for g in per_replica], axis=0),
+                            per_replica[0].dense_shape)
+                    else:
+                        grad = per_replica[r]
+                    if clip_value > 0:
+                        grad = tf.clip_by_value(grad, -clip_value, clip_value)
+                    values, indices = _sparse_rows(grad, first, sh.rows_per_replica)
+                    work = _SparseRows(rows)
+                    radam_math.apply_sparse(work, values, indices, slots["m"], slots["v"],
+                                            slots.get("vhat"), s)
+                    new_rows[i][r] = [(d.values, d.indices + tf.cast(first, d.indices.dtype))
+                                      for d in work.deltas]
+                    continue
+                if aggregate:
+                    grad = _summed([sh.padded(g)[r] for g in per_replica])
+                else:
+                    grad = sh.padded(per_replica[r])[r]
+                if clip_value > 0:
+                    grad = tf.clip_by_value(grad, -clip_value, clip_value)
+                if use_fused and var.dtype.is_floating:
+                    dense.append((i, rows, grad, slots["m"], slots["v"], slots.get("vhat"), s))
+                else:
+                    work = _Rows(rows)
+                    radam_math.apply_dense(work, grad, slots["m"], slots["v"],
+                                           slots.get("vhat"), s)
+                    new_rows[i][r] = tf.convert_to_tensor(work)
+            if dense:
+                out = fused.apply_dense_rows([d[1] for d in dense], [d[2] for d in dense],
+                                             [d[3] for d in dense], [d[4] for d in dense],
+                                             [d[5] for d in dense], [d[6] for d in dense],
+                                             cache=cache, device=device)
+                for d, value in zip(dense, out):
+                    new_rows[d[0]][r] = value
+    for i in present:
+        copies = local(variables[i])
+        for d, device in enumerate(devices):
+            with tf.device(device):
+                if i in sparse:
+                    for deltas in new_rows[i]:
+                        for values, indices in deltas:
+                            copies[d].scatter_add(tf.IndexedSlices(values, indices))
+                else:
+                    _write_rows(shards[i], copies[d], new_rows[i])
+
+
+def _write_rows(shards: _VarShards, copy, new_rows: Sequence[tf.Tensor]) -> None:
+    """The local all-gather into one device's copy: every replica's rows concatenated, the
+    padding cut off, assigned whole. (Assigning each replica's rows into place with a
+    strided-slice assign instead was slower: 0.93-0.94 of the unsharded step at N = 4
+    against 0.68-0.71, bench/distribute_zero.py, same run.)"""
+    copy.assign(shards.unpadded(tf.concat(list(new_rows), axis=0)))
 
 
 def state_bytes_per_replica(optimizer) -> int:
@@ -394,25 +693,32 @@ def lookahead_sync(lookahead, state: ShardedState, variables: Sequence, sync) ->
     ``lookahead_pull_back``), then the rows are all-gathered into the variables. Steps that
     do not sync exchange nothing (the decision is taken in cross-replica context)."""
     ctx = tf.distribute.get_replica_context()
-    replica = ctx.replica_id_in_sync_group
     variables = [_unwrap(v) for v in variables]
-    new_chunks = []
-    for var in variables:
-        shards = state.for_variable(lookahead, var)
-        slow = _this_replica(shards.slots["slow"])
-        chunk = tf.gather(shards.padded(tf.convert_to_tensor(var)), replica)
+    exchange, why = choose_exchange(lookahead, state._strategy)
+    _note_exchange(lookahead, getattr(lookahead, "_state_layout", None), exchange, why)
+    if exchange == LOCAL_REDUCE_SCATTER:
+        ctx.merge_call(functools.partial(_local_sync, lookahead, state, variables),
+                       args=(sync,))
+        return
+    replica = ctx.replica_id_in_sync_group
+    all_shards = [state.for_variable(lookahead, var) for var in variables]
+    chunks = [tf.gather(shards.padded(tf.convert_to_tensor(var)), replica)
+              for shards, var in zip(all_shards, variables)]
 
-        def pull_back(chunk=chunk, slow=slow):
+    def pull_back_all():  # one branch for all variables
+        out = []
+        for shards, chunk in zip(all_shards, chunks):
             rows = _Rows(chunk)
-            radam_math.lookahead_pull_back(rows, slow, lookahead.slow_step_size)
-            return rows.value
+            radam_math.lookahead_pull_back(rows, _this_replica(shards.slots["slow"]),
+                                           lookahead.slow_step_size)
+            out.append(rows.value)
+        return out
 
-        new_chunks.append(tf.cond(sync, pull_back, lambda chunk=chunk: chunk))
+    new_chunks = tf.cond(sync, pull_back_all, lambda: list(chunks)) if chunks else []
 
     def gather_and_assign(chunks):
         replica_ctx = tf.distribute.get_replica_context()
-        values = [state.for_variable(lookahead, var).unpadded(replica_ctx.all_gather(c, axis=0))
-                  for var, c in zip(variables, chunks)]
+        values = _all_gather_bucketed(replica_ctx, list(zip(all_shards, chunks)))
 
         def assign_all(distribution, values):
             for var, value in zip(variables, values):
@@ -431,3 +737,30 @@ def lookahead_sync(lookahead, state: ShardedState, variables: Sequence, sync) ->
         tf.cond(sync, exchange, lambda: None)
 
     ctx.merge_call(cross_replica, args=(new_chunks, sync))
+
+
+def _local_sync(lookahead, state: ShardedState, variables: Sequence, distribution, sync) -> None:
+    """Lookahead's sync in cross-replica context (single-worker MirroredStrategy): one branch
+    for all variables; in it each device pulls its rows back toward its slow chunk, and every
+    device writes every replica's rows into its copy (as ``_local_step``)."""
+    local = distribution.experimental_local_results
+    if isinstance(sync, tf.distribute.DistributedValues):
+        sync = local(sync)[0]
+    devices = list(distribution.extended.worker_devices)
+    shards = [state.for_variable(lookahead, var) for var in variables]
+
+    def pull_back_all():
+        new_rows = [[None] * len(devices) for _ in variables]
+        for r, device in enumerate(devices):
+            with tf.device(device):
+                for i, var in enumerate(variables):
+                    work = _Rows(shards[i].padded(tf.convert_to_tensor(local(var)[r]))[r])
+                    radam_math.lookahead_pull_back(work, local(shards[i].slots["slow"])[r],
+                                                   lookahead.slow_step_size)
+                    new_rows[i][r] = work.value
+        for i, var in enumerate(variables):
+            for d, (device, copy) in enumerate(zip(devices, local(var))):
+                with tf.device(device):
+                    _write_rows(shards[i], copy, new_rows[i])
+
+    tf.cond(sync, pull_back_all, lambda: None)

@@ -176,8 +176,38 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
             fused.pull_back(pairs, self.slow_step_size, one, cache)
 
     def _distributed_sync(self, distribution, variables, sync, one):
+        devices = fused.mirrored_devices(distribution)
+        if devices and not radam_math.in_xla_context():
+            variables = self._sync_on_each_device(distribution, devices, variables, sync, one)
         for var in variables:
             distribution.extended.update(var, self._sync_variable, args=(sync, one), group=False)
+
+    def _sync_on_each_device(self, distribution, devices, variables, sync, one) -> list:
+        """MirroredStrategy / MWMS: one branch per device over compiled chunks of that
+        device's (fast, slow) copies, not one per variable; returns the variables left to
+        the per-variable path (those whose copies are not where the strategy's devices are)."""
+        layout = self._state_layout
+        per_device: List[list] = [[] for _ in devices]
+        rest = []
+        for var in variables:
+            copies = layout.local_copies(distribution, var, devices)
+            slow = self._slow(var)
+            slows = None if slow is None else layout.local_copies(distribution, slow, devices)
+            if copies is None or slows is None:
+                rest.append(var)
+                continue
+            for i, pair in enumerate(zip(copies, slows)):
+                per_device[i].append(pair)
+        cache = self.__dict__.setdefault("_fused_compiled", {})  # untracked by Keras
+        for i, (device, pairs) in enumerate(zip(devices, per_device)):
+            if not pairs:
+                continue
+            one_i = fused.local_value(distribution, one, i)
+            with tf.device(device):
+                _when(fused.local_value(distribution, sync, i),
+                      lambda pairs=pairs, one_i=one_i, device=device: fused.pull_back(
+                          pairs, self.slow_step_size, one_i, cache, device=device))
+        return rest
 
     def _sync_variable(self, var, sync, one):
         slow = self._slow(var)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import keras
 import numpy as np
@@ -242,19 +242,53 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         )
 
     def _distributed_update(self, distribution, grads_and_vars, scalars):
+        cache = self.__dict__.setdefault("_fused_compiled", {})  # untracked by Keras
+        devices = fused.mirrored_devices(distribution)
         if fused.applicable(distribution):
             # Dense updates in compiled XLA chunks (radam_dist/fused.py); sparse
             # gradients keep the per-variable path below.
             dense = [(g, v) for g, v in grads_and_vars if fused.is_dense_float(g, v)]
             fused.apply_dense(
-                [self._dense_update(var, grad, scalars) for grad, var in dense],
-                cache=self.__dict__.setdefault("_fused_compiled", {}),  # untracked by Keras
-            )
+                [self._dense_update(var, grad, scalars) for grad, var in dense], cache=cache)
             grads_and_vars = [(g, v) for g, v in grads_and_vars if not fused.is_dense_float(g, v)]
+        elif devices:
+            grads_and_vars = self._fused_on_each_device(
+                distribution, devices, grads_and_vars, scalars, cache)
         for grad, var in grads_and_vars:
             distribution.extended.update(
                 var, self._update_variable, args=(grad, scalars), group=False
             )
+
+    def _fused_on_each_device(self, distribution, devices, grads_and_vars, scalars, cache):
+        """MirroredStrategy / MWMS: each device updates its copies of the dense variables in
+        compiled chunks of its own (what ``extended.update`` does one variable at a time);
+        returns the pairs left to the per-variable path (sparse gradients, odd placements)."""
+        layout = self._state_layout
+        per_device: List[List[fused.DenseUpdate]] = [[] for _ in devices]
+        local_scalars: Dict[tuple, radam_math.StepScalars] = {}  # same tensors: one group
+        rest = []
+        for grad, var in grads_and_vars:
+            copies = layout.local_copies(distribution, var, devices)
+            grads = [fused.local_value(distribution, grad, i) for i in range(len(devices))]
+            slots = [self._slot_value(name, var) for name in ("m", "v", "vhat")]
+            slot_copies = [None if slot is None else layout.local_copies(distribution, slot, devices)
+                           for slot in slots]
+            if (copies is None or not all(fused.is_dense_float(g, var) for g in grads)
+                    or any(c is None for c, slot in zip(slot_copies, slots) if slot is not None)):
+                rest.append((grad, var))
+                continue
+            s = self._variable_scalars(var, scalars)
+            for i in range(len(devices)):
+                key = (i, radam_math.compute_dtype(var.dtype).name, s.has_weight_decay)
+                if key not in local_scalars:
+                    local_scalars[key] = fused.local_scalars(distribution, s, i)
+                m, v, vhat = (None if c is None else c[i] for c in slot_copies)
+                per_device[i].append(
+                    fused.DenseUpdate(copies[i], grads[i], m, v, vhat, local_scalars[key]))
+        for device, updates in zip(devices, per_device):
+            if updates:
+                fused.apply_dense(updates, cache=cache, device=device)
+        return rest
 
     def _variable_scalars(self, var, scalars: Dict[str, radam_math.StepScalars]):
         s = scalars[radam_math.compute_dtype(var.dtype).name]

@@ -20,8 +20,7 @@ from radam_dist.ps.auth import BearerTokenInterceptor
 # existing callers.
 from radam_dist.ps.transport import (  # noqa: F401
     TLSFiles, check_tls_files, check_transport, is_loopback)
-from radam_dist.ps.proto import pb_grpc
-from radam_dist.ps.service import ServeOptions, ShardService
+from radam_dist.ps.service import ServeOptions, ShardService, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ class ParameterServerProcess:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)] + KEEPALIVE_OPTIONS,
         )
-        pb_grpc.add_ParameterServerServicer_to_server(self.service, self.server)
+        add_to_server(self.service, self.server)  # tensor streams without protobuf copies
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if tls is not None:

@@ -39,7 +39,7 @@ from radam_dist.ps.metrics import PSMetrics
 from radam_dist.ps.proto import pb, pb_grpc
 from radam_dist.ps.store import Gradient, ParameterStore, VariableSpec, name_list
 from radam_dist.ps.tensors import (DEFAULT_CHUNK_BYTES, ByteBudget, TensorAssembler, WireError,
-                                   chunk_tensor, reuse_freed_memory)
+                                   reuse_freed_memory, serialized_chunks, split_message)
 
 log = logging.getLogger(__name__)
 
@@ -354,23 +354,50 @@ class ShardService(pb_grpc.ParameterServerServicer):
                 "not registered" + ("" if spec is None else f" (registered: {spec.dtype}{list(spec.shape)})"),
                 code="FAILED_PRECONDITION")
 
-    def _receive(self, request_iterator, header_field: str, roles: frozenset, context, expect=None):
+    def _receive(self, request_iterator, header_field: str, roles: frozenset, context, expect=None,
+                 split: Optional[dict] = None):
         """Read a client stream: (header, {(name, role): array}, assembler). Raises PSError;
-        the caller releases ``assembler`` (its reservation in the in-flight budget)."""
+        the caller releases ``assembler`` (its reservation in the in-flight budget).
+
+        The messages are the raw bytes gRPC received (``add_to_server`` registers no
+        deserializer for the tensor streams): ``split_message`` cuts out the data, which is
+        copied once, straight into the tensor. (Messages already parsed work too.) ``split``
+        collects seconds spent waiting for the wire ("wire_in") and decoding ("decode")."""
         header = None
-        assembler = TensorAssembler(self.options.max_request_bytes, roles, expect, self.budget)
+        assembler = TensorAssembler(self.options.max_request_bytes, roles, expect, self.budget,
+                                    check_finite=True)
+        wrap = pb.RegisterRequest if header_field == "RegisterHeader" else pb.PushRequest
         received = 0
+        waited = decoded = 0.0
+        clock = time.perf_counter
+        messages = iter(request_iterator)
         try:
-            for i, message in enumerate(request_iterator):
-                kind = message.WhichOneof("kind")
-                if i == 0:
+            first = True
+            while True:
+                t0 = clock()
+                message = next(messages, None)
+                t1 = clock()
+                waited += t1 - t0
+                if message is None:
+                    break
+                if isinstance(message, (bytes, bytearray, memoryview)):
+                    kind, message_header, chunk, data = split_message(pb, wrap, message)
+                else:
+                    kind = message.WhichOneof("kind")
+                    message_header = message.header if kind == "header" else None
+                    chunk, data = (message.chunk, None) if kind == "chunk" else (None, None)
+                if first:
+                    first = False
                     if kind != "header":
                         raise PSError("INVALID_ARGUMENT", f"the first message must be the {header_field}")
-                    header = getattr(message, "header")
+                    header = message_header
                     continue
                 if kind != "chunk":
                     raise PSError("INVALID_ARGUMENT", "only one header per stream")
-                received += assembler.add(message.chunk)
+                received += assembler.add(chunk, data)
+                decoded += clock() - t1
+            if split is not None:
+                split["wire_in"], split["decode"] = waited, decoded
             if header is None:
                 raise PSError("INVALID_ARGUMENT", f"empty stream: no {header_field}")
             tensors = assembler.finish()
@@ -412,19 +439,34 @@ class ShardService(pb_grpc.ParameterServerServicer):
                 grads[name] = Gradient(values, indices)
         return grads
 
-    def _stream_values(self, header_kwargs: dict, names: List[str], values: Dict[str, np.ndarray]):
-        header = pb.PullHeader(**header_kwargs)
-        yield pb.PullResponse(header=header)
+    def _stream_values(self, header_kwargs: dict, names: List[str], values: Dict[str, np.ndarray],
+                       split: Optional[dict] = None):
+        """Serialized PullResponses: the header, then the chunks of each value, built by
+        ``serialized_chunks`` (one copy of the data; gRPC sends bytes as they are, see
+        ``add_to_server``). ``split`` gets the seconds spent encoding ("encode")."""
+        clock = time.perf_counter
+        t0 = clock()
+        encode = 0.0
+        yield pb.PullResponse(header=pb.PullHeader(**header_kwargs)).SerializeToString()
         sent = 0
         for name in names:
-            yield from chunk_tensor(pb, name, pb.VALUE, values[name], self.options.chunk_bytes,
-                                    wrap=pb.PullResponse)
-            sent += values[name].nbytes  # (not len(chunk.data): each read copies the bytes)
+            chunks = serialized_chunks(pb, name, pb.VALUE, values[name], pb.PullResponse,
+                                       self.options.chunk_bytes)
+            while True:
+                t = clock()
+                raw = next(chunks, None)
+                encode += clock() - t
+                if raw is None:
+                    break
+                yield raw
+            sent += values[name].nbytes
         # Let go of the snapshot now: while a view of a variable lives, the next step must copy
         # the variable's buffer before updating it (copy-on-write).
         values.clear()
         with self._cond:
             self.counters.bytes_sent += sent
+        if split is not None:
+            split["encode"], split["wire_out"] = encode, clock() - t0 - encode
 
     # -- Register ---------------------------------------------------------------------------
     def Register(self, request_iterator, context):
@@ -503,18 +545,19 @@ class ShardService(pb_grpc.ParameterServerServicer):
     # -- Push -------------------------------------------------------------------------------
     _PUSH_ROLES = frozenset({pb.GRADIENT, pb.SPARSE_VALUES, pb.SPARSE_INDICES})
 
-    def _receive_push(self, request_iterator, context):
+    def _receive_push(self, request_iterator, context, split: Optional[dict] = None):
         with self._cond:
             if not self.store.registered:
                 raise PSError("FAILED_PRECONDITION", "push before registration: call Register first")
         return self._receive(request_iterator, "PushHeader", self._PUSH_ROLES, context,
-                             self._expect_push)
+                             self._expect_push, split)
 
     def Push(self, request_iterator, context):
         assembler = header = None
         try:
             header, tensors, assembler = self._receive_push(request_iterator, context)
-            version, step, skipped, duplicate, staged = self._push(header, tensors, context)
+            version, step, skipped, duplicate, staged = self._push(header, tensors, context,
+                                                                   finite=assembler.finite())
             return pb.PushResponse(version=version, step=step, skipped=skipped, duplicate=duplicate,
                                    staged=staged)
         except PSError as err:
@@ -523,21 +566,23 @@ class ShardService(pb_grpc.ParameterServerServicer):
             if assembler is not None:
                 assembler.release()
 
+    SPLIT = ("wire_in", "decode", "validate", "apply", "snapshot", "encode", "wire_out")
+
     def PushPull(self, request_iterator, context):
         assembler = header = None
-        t0 = time.perf_counter()
+        split: Dict[str, float] = {}
         try:
-            header, tensors, assembler = self._receive_push(request_iterator, context)
-            t1 = time.perf_counter()
+            header, tensors, assembler = self._receive_push(request_iterator, context, split)
             with self._cond:
                 self.store.check_names(list(header.pull_names))
-            version, step, skipped, duplicate, _ = self._push(header, tensors, context)
-            t2 = time.perf_counter()
+            version, step, skipped, duplicate, _ = self._push(header, tensors, context, split,
+                                                              assembler.finite())
+            t = time.perf_counter()
             with self._cond:
                 names = self.store.check_names(list(header.pull_names))
                 values = self.store.read(names)
                 version, step = self.store.version, self.store.step
-            t3 = time.perf_counter()
+            split["snapshot"] = time.perf_counter() - t
             del tensors  # the gradients are applied: free them before streaming the values
         except PSError as err:
             self._refused(context, err, header)
@@ -545,18 +590,35 @@ class ShardService(pb_grpc.ParameterServerServicer):
             if assembler is not None:
                 assembler.release()
         yield from self._stream_values(
-            dict(version=version, step=step, skipped=skipped, duplicate=duplicate), names, values)
-        # Where a call's time went (bench/ps_throughput.py reads these with --log-level DEBUG).
-        log.debug("PushPull split ms: receive %.1f push %.1f snapshot %.1f send %.1f",
-                  1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2), 1e3 * (time.perf_counter() - t3))
+            dict(version=version, step=step, skipped=skipped, duplicate=duplicate), names, values,
+            split)
+        # Where a call's time went (bench/ps_throughput.py reads these with --log-level DEBUG):
+        # wire_in = waiting for the upload, wire_out = streaming the values minus encoding them;
+        # apply includes the write-ahead log (and, in sync mode, waiting for the round).
+        log.debug("PushPull split ms: " + " ".join(f"{k} {1e3 * split.get(k, 0.0):.1f}"
+                                                   for k in self.SPLIT))
 
-    def _push(self, header, tensors, context) -> Tuple[int, int, bool, bool, bool]:
+    def _push(self, header, tensors, context, split: Optional[dict] = None,
+              finite: Optional[dict] = None) -> Tuple[int, int, bool, bool, bool]:
+        """Validate, then apply / stage. ``finite``: TensorAssembler.finite() of ``tensors``
+        (checked on arrival); ``split`` gets the seconds of "validate" and "apply"."""
+        t0 = time.perf_counter()
         grads = self._gradients(tensors)
+        known = {name: ok for (name, role), ok in (finite or {}).items()
+                 if role in (pb.GRADIENT, pb.SPARSE_VALUES)}
         with self._cond:
             if header.request_id and header.request_id in self._dedup:
                 return self._dedup[header.request_id], self.store.step, False, True, False
-            finite = self.store.check_gradients(grads, self.options.nonfinite)
+            finite = self.store.check_gradients(grads, self.options.nonfinite, known)
         grads = grads if finite else None
+        t1 = time.perf_counter()
+        try:
+            return self._push_validated(header, grads, context)
+        finally:
+            if split is not None:
+                split["validate"], split["apply"] = t1 - t0, time.perf_counter() - t1
+
+    def _push_validated(self, header, grads, context) -> Tuple[int, int, bool, bool, bool]:
         if self.options.mode == "async":
             if header.stage:
                 raise PSError("FAILED_PRECONDITION", "stage=true is for sync mode; this server is async")
@@ -915,6 +977,36 @@ class ShardService(pb_grpc.ParameterServerServicer):
             if self.lock is not None:
                 self.lock.release()
                 self.lock = None
+
+
+_RAW_REQUESTS = frozenset({"Register", "Push", "PushPull"})  # bytes in: ShardService._receive
+_RAW_RESPONSES = frozenset({"Pull", "PushPull"})  # bytes out: ShardService._stream_values
+_HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
+                  (True, False): grpc.stream_unary_rpc_method_handler,
+                  (False, True): grpc.unary_stream_rpc_method_handler,
+                  (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def add_to_server(service: "ShardService", server) -> None:
+    """Serve ``service`` on ``server`` (instead of the generated ``add_..._to_server``).
+
+    The same methods and wire format, but the tensor streams bypass the generated
+    (de)serializers, which would copy every megabyte chunk two or three times: Register, Push
+    and PushPull get each request as the bytes gRPC received, and Pull and PushPull answer
+    bytes already in the wire format of a PullResponse (``tensors.serialized_chunks``; tests
+    check that protobuf parses them to the messages it would have built itself)."""
+    name = "radam_dist.ps.v1.ParameterServer"
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["ParameterServer"].methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=None if method.name in _RAW_REQUESTS else request.FromString,
+            response_serializer=None if method.name in _RAW_RESPONSES else response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.62: faster lookup
+        server.add_registered_method_handlers(name, handlers)
 
 
 def average(pushes: Iterable[Dict[str, Gradient]]) -> Dict[str, Gradient]:

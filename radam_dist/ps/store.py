@@ -195,9 +195,14 @@ class ParameterStore:
         return out
 
     # -- updates ------------------------------------------------------------------------------
-    def check_gradients(self, grads: Dict[str, Gradient], nonfinite: str = "reject") -> bool:
+    def check_gradients(self, grads: Dict[str, Gradient], nonfinite: str = "reject",
+                        known_finite: Optional[Dict[str, bool]] = None) -> bool:
         """Validate a push against the variables. Returns False when the push holds a
-        non-finite value and ``nonfinite == "skip"``; raises PSError for everything else."""
+        non-finite value and ``nonfinite == "skip"``; raises PSError for everything else.
+
+        ``known_finite``: whether the values of a gradient are all finite, where that is
+        already known (checked chunk by chunk on arrival, TensorAssembler); the others are
+        checked here."""
         if not self.registered:
             raise PSError("FAILED_PRECONDITION", "push before registration: call Register first")
         if not grads:  # allowed: a sync worker that has nothing for this shard still counts
@@ -242,8 +247,11 @@ class ParameterStore:
                     "INVALID_ARGUMENT",
                     f"gradient of {name!r} has shape {values.shape}, the variable has {tuple(spec.shape)}",
                 )
-            if values.size and not np.isfinite(values.astype(np.float32, copy=False)
-                                                if spec.dtype == "bfloat16" else values).all():
+            finite_values = (known_finite or {}).get(name)
+            if finite_values is None and values.size:
+                finite_values = bool(np.isfinite(values.astype(np.float32, copy=False)
+                                                 if spec.dtype == "bfloat16" else values).all())
+            if values.size and not finite_values:
                 if nonfinite != "skip":
                     raise PSError(
                         "INVALID_ARGUMENT",

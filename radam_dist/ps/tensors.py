@@ -17,6 +17,7 @@ import threading
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
+from google.protobuf.message import DecodeError as _DecodeError
 
 # Dtypes accepted on the wire (names as numpy spells them).
 WIRE_DTYPES = frozenset(
@@ -139,12 +140,15 @@ def serialized_chunks(pb, name: str, role: int, array: np.ndarray, wrap,
 
     protobuf serializes the small fields; the data field and the wrapper's length prefix are
     appended by hand (a length-delimited field is its tag, a varint length, the bytes), so the
-    tensor's bytes are copied once, into the result. ``wrap.FromString`` of each result equals
-    the message ``chunk_tensor`` yields (tests/test_ps_zero_copy.py)."""
+    tensor's bytes are copied once, into the result. Each result is, byte for byte, what
+    ``SerializeToString`` gives for the message ``chunk_tensor`` yields (tests/test_ps_wire.py),
+    so the server answers Pull and PushPull with these bytes as they are."""
     data_tag = _varint(pb.TensorChunk.DESCRIPTOR.fields_by_name["data"].number << 3 | 2)
     chunk_tag = _varint(wrap.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2)
     for _, chunk, data in _pieces(pb, name, role, array, chunk_bytes, None):
-        head = chunk.SerializeToString() + data_tag + _varint(data.nbytes)
+        # (fields in number order and no empty data field, as protobuf writes them: the bytes
+        # equal SerializeToString of the message, tests/test_ps_wire.py)
+        head = chunk.SerializeToString() + (data_tag + _varint(data.nbytes) if data.nbytes else b"")
         yield b"".join((chunk_tag, _varint(len(head) + data.nbytes), head, data))
 
 
@@ -161,8 +165,9 @@ def _read_varint(buf, pos: int, end: int) -> Tuple[int, int]:
         shift += 7
 
 
-def _fields(buf, start: int, end: int) -> Iterator[Tuple[int, int, int, int]]:
-    """(field number, tag start, value start, value end) of each field of buf[start:end]."""
+def _fields(buf, start: int, end: int) -> Iterator[Tuple[int, int, int, int, int]]:
+    """(field number, wire type, tag start, value start, value end) of each field of
+    buf[start:end]."""
     pos = start
     while pos < end:
         tag_start = pos
@@ -181,39 +186,65 @@ def _fields(buf, start: int, end: int) -> Iterator[Tuple[int, int, int, int]]:
             raise WireError(f"malformed message: wire type {wire_type}")
         if pos > end:
             raise WireError("malformed message: a field runs past its end")
-        yield tag >> 3, tag_start, value_start, pos
+        yield tag >> 3, wire_type, tag_start, value_start, pos
 
 
-def parse_chunk_message(pb, wrap, raw: bytes):
-    """``(header, None, None)`` or ``(None, chunk, data)`` for one serialized ``wrap`` message
-    (``wrap`` has a ``header`` and a ``chunk`` field in a oneof), the reverse of
-    ``serialized_chunks``: ``data`` is a memoryview of ``raw``, and protobuf parses everything
-    but the data, so the received bytes are copied once (into the tensor) instead of three
-    times (parse, the bytes field, the tensor)."""
+def split_message(pb, wrap, raw: bytes):
+    """``(kind, header, chunk, data)`` of one serialized ``wrap`` message (``wrap`` has a
+    ``header`` and a ``chunk`` field in a oneof named ``kind``): kind is "header" (header set),
+    "chunk" (chunk and data set) or None (neither field: an empty message).
+
+    The reverse of ``serialized_chunks``: ``data`` is a memoryview of ``raw``, and protobuf
+    parses everything but the data, so the received bytes are copied once (into the tensor)
+    instead of three times (parse, the bytes field, the tensor). Only length-delimited fields
+    count as the header, the chunk or the data, as protobuf reads them; malformed bytes raise
+    WireError (INVALID_ARGUMENT)."""
     fields = wrap.DESCRIPTOR.fields_by_name
     header_no, chunk_no = fields["header"].number, fields["chunk"].number
     data_no = pb.TensorChunk.DESCRIPTOR.fields_by_name["data"].number
     view = memoryview(raw)
-    last = None
-    for number, _, start, end in _fields(view, 0, len(view)):
-        if number in (header_no, chunk_no):
-            last = (number, start, end)  # a oneof: the last one counts
-    if last is None:  # neither: an empty chunk, which TensorAssembler.add refuses
-        return None, pb.TensorChunk(), view[0:0]
-    if last[0] == header_no:
-        return wrap.FromString(raw).header, None, None
-    _, start, end = last
-    data = view[0:0]
-    kept = []
-    position = start
-    for number, tag_start, value_start, value_end in _fields(view, start, end):
-        if number == data_no:  # a repeated scalar field: the last one counts
-            kept.append(view[position:tag_start])
-            position = value_end
-            data = view[value_start:value_end]
-    kept.append(view[position:end])
-    chunk = pb.TensorChunk.FromString(b"".join(kept))
-    return None, chunk, data
+    last, seen = None, 0
+    for number, wire_type, _, start, end in _fields(view, 0, len(view)):
+        if wire_type == 2 and number in (header_no, chunk_no):
+            last, seen = (number, start, end), seen + 1
+    if last is None:
+        return None, None, None, None
+    try:
+        if seen > 1:  # valid but odd (protobuf merges repeated occurrences): protobuf decides
+            message = wrap.FromString(raw)
+            kind = message.WhichOneof("kind")
+            if kind == "chunk":
+                chunk = message.chunk
+                data = memoryview(chunk.data)
+                chunk.ClearField("data")
+                return "chunk", None, chunk, data
+            return kind, message.header if kind == "header" else None, None, None
+        if last[0] == header_no:
+            return "header", wrap.FromString(raw).header, None, None
+        _, start, end = last
+        data = view[0:0]
+        kept = []
+        position = start
+        for number, wire_type, tag_start, value_start, value_end in _fields(view, start, end):
+            if number == data_no and wire_type == 2:  # a scalar field: the last one counts
+                kept.append(view[position:tag_start])
+                position = value_end
+                data = view[value_start:value_end]
+        kept.append(view[position:end])
+        chunk = pb.TensorChunk.FromString(b"".join(kept))
+    except _DecodeError as err:
+        raise WireError(f"malformed message: {err}") from err
+    return "chunk", None, chunk, data
+
+
+def parse_chunk_message(pb, wrap, raw: bytes):
+    """``(header, None, None)`` or ``(None, chunk, data)`` for one serialized ``wrap`` message
+    (``split_message`` without the kind; a message with neither field gives an empty chunk,
+    which ``TensorAssembler.add`` refuses)."""
+    kind, header, chunk, data = split_message(pb, wrap, raw)
+    if kind is None:
+        return None, pb.TensorChunk(), memoryview(b"")
+    return header, chunk, data
 
 
 class ByteBudget:
@@ -253,12 +284,19 @@ def declared_nbytes(name: str, dtype: np.dtype, shape: Tuple[int, ...]) -> int:
     return count * dtype.itemsize
 
 
-class _Partial:
-    __slots__ = ("dtype", "shape", "buffer", "received")
+_FINITE_CHECKED = frozenset({"float16", "float32", "float64"})  # np.isfinite's own dtypes
 
-    def __init__(self, dtype: np.dtype, shape: Tuple[int, ...], nbytes: int):
+
+class _Partial:
+    __slots__ = ("dtype", "shape", "buffer", "received", "checked", "finite")
+
+    def __init__(self, dtype: np.dtype, shape: Tuple[int, ...], nbytes: int, check_finite: bool):
         self.dtype = dtype
         self.shape = shape
+        # check_finite: bytes [0, checked) hold whole elements seen by np.isfinite, all finite
+        # while ``finite``; None: not checked here (the store checks the finished array)
+        self.checked = 0
+        self.finite = True if check_finite and dtype.name in _FINITE_CHECKED else None
         # np.empty: no zero fill (every byte is written before finish() accepts the tensor),
         # and numpy maps large arrays on huge pages, so filling it faults 512x less often.
         # Aligned to 64 bytes, so that the optimizer can use the finished array in place
@@ -276,16 +314,19 @@ class TensorAssembler:
     beyond it); ``allowed_roles`` rejects chunks that do not belong to the RPC. ``expect``
     (name, role, dtype name, shape) checks a declaration against what is registered before
     anything is allocated (raises WireError); ``budget`` is the server-wide reservation that
-    ``release()`` gives back.
+    ``release()`` gives back. ``check_finite``: float tensors are checked for NaN / Inf chunk
+    by chunk as they arrive, while the chunk is still in cache and while the next one is on
+    the wire (``finite()`` reports the outcome), instead of in a pass of their own later.
     """
 
     def __init__(self, max_bytes: int, allowed_roles: frozenset,
                  expect: Optional[Callable[[str, int, str, Tuple[int, ...]], None]] = None,
-                 budget: Optional[ByteBudget] = None):
+                 budget: Optional[ByteBudget] = None, check_finite: bool = False):
         self.max_bytes = max_bytes
         self.allowed_roles = allowed_roles
         self.expect = expect
         self.budget = budget
+        self.check_finite = check_finite
         self.declared_bytes = 0
         self.reserved = 0
         self._partial: Dict[Tuple[str, int], _Partial] = {}
@@ -325,7 +366,7 @@ class TensorAssembler:
                 self.budget.acquire(nbytes, f"tensor {chunk.name!r}")
                 self.reserved += nbytes
             self.declared_bytes += nbytes
-            part = self._partial[key] = _Partial(dtype, shape, nbytes)
+            part = self._partial[key] = _Partial(dtype, shape, nbytes, self.check_finite)
         elif chunk.offset != part.received:
             raise WireError(
                 f"tensor {chunk.name!r}: chunk at byte {chunk.offset}, expected {part.received} "
@@ -345,7 +386,18 @@ class TensorAssembler:
         if data:
             part.buffer[part.received:end] = np.frombuffer(data, np.uint8)
         part.received = end
+        if part.finite:  # the whole elements received so far and not yet checked
+            upto = end - end % part.dtype.itemsize
+            if upto > part.checked:
+                part.finite = bool(np.isfinite(part.buffer[part.checked:upto].view(part.dtype)).all())
+                part.checked = upto
         return len(data)
+
+    def finite(self) -> Dict[Tuple[str, int], bool]:
+        """After ``finish()``: whether each tensor checked on arrival holds only finite values
+        (tensors not checked here -- not floats, bfloat16, or check_finite off -- are absent)."""
+        return {key: part.finite for key, part in self._partial.items()
+                if part.finite is False or (part.finite and part.checked == len(part.buffer))}
 
     def finish(self) -> Dict[Tuple[str, int], np.ndarray]:
         """The complete tensors, keyed by (name, role); refuses truncated ones."""
