@@ -21,6 +21,7 @@ Measured or counted for each:
     .venv/bin/python bench/distribute_zero.py --quick        # N = 2, 4; 12 rounds, ~1 min
     .venv/bin/python bench/distribute_zero.py --quick --mwms # and MWMS over 2 processes
     .venv/bin/python bench/distribute_zero.py --replicas 2 --steps 10
+    .venv/bin/python bench/distribute_zero.py --replicas '' --mwms --steps 25  # MWMS only
 
 Logical devices share the machine's cores, so step times measure the work of each path
 (N updates of the whole model unsharded, N of a shard sharded, plus the exchange), not a
@@ -149,13 +150,16 @@ def child(replicas: int, steps: int, mwms: bool = False) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--replicas", default="1,2,4", help="comma list of N")
+    parser.add_argument("--replicas", default="1,2,4",
+                        help="comma list of N ('' with --mwms: MWMS only)")
     parser.add_argument("--steps", type=int, default=30,
                         help="timed rounds (one step of each configuration) per N")
     parser.add_argument("--quick", action="store_true", help="N = 2, 4; 12 rounds (~1 min)")
     parser.add_argument("--mwms", action="store_true",
                         help="also MultiWorkerMirroredStrategy over 2 worker processes "
                              "(radam-dist launch; unsharded and all-reduce+slice)")
+    parser.add_argument("--mwms-workers", type=int, default=2, metavar="N",
+                        help="worker processes of --mwms (default 2)")
     parser.add_argument("--child", type=int, metavar="N", help=argparse.SUPPRESS)
     parser.add_argument("--child-mwms", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this file")
@@ -174,9 +178,10 @@ def main() -> int:
     env.pop("RADAM_DIST_ZERO_EXCHANGE", None)
     results = []
     commands = [[sys.executable, __file__, "--child", str(n), "--steps", str(args.steps)]
-                for n in [int(x) for x in args.replicas.split(",")]]
+                for n in [int(x) for x in args.replicas.split(",") if x.strip()]]
     if args.mwms:
-        commands.append([sys.executable, "-m", "radam_dist.cli", "launch", "--workers", "2",
+        commands.append([sys.executable, "-m", "radam_dist.cli", "launch", "--workers",
+                         str(args.mwms_workers),
                          "--", sys.executable, __file__, "--child-mwms", "--steps",
                          str(args.steps)])
     for command in commands:

@@ -17,6 +17,8 @@ Under MirroredStrategy and MultiWorkerMirroredStrategy (``mirrored_devices``) ev
 device updates its own copies of the variables: one set of compiled chunks per device, placed
 there (``device=``), fed that device's copy of the all-reduced gradients and of the step
 scalars, bit-for-bit the per-variable ``extended.update`` (``tests/test_fused_strategies.py``).
+Under a single-process MirroredStrategy the chunks get every replica's gradient instead and
+add them in replica order themselves (``aggregation.all_reduce_or_defer``, ``_summed``).
 ParameterServerStrategy keeps the per-variable path: its variables live on the servers.
 
 Set ``RADAM_DIST_FUSED=0`` in the environment to take the per-variable path everywhere.
@@ -52,7 +54,7 @@ class DenseUpdate(NamedTuple):
     """One variable's dense update: the tensors ``radam_math.apply_dense`` takes."""
 
     var: tf.Variable
-    grad: tf.Tensor
+    grad: tf.Tensor  # or a tuple: the replicas' gradients, summed in the chunk (``_summed``)
     m: tf.Variable
     v: tf.Variable
     vhat: Optional[tf.Variable]
@@ -140,12 +142,29 @@ def _compiled_dense_update():
     def apply_chunk(variables, ms, vs, vhats, grads, scalars):
         for i, var in enumerate(variables):
             vhat = vhats[i] if vhats else None
-            grad = grads[i]
+            grad = _summed(grads[i])
             if i > 0 and (var.shape.num_elements() or 0) >= ORDER_MIN_ELEMENTS:
                 grad = _after(grad, variables[i - 1])
             radam_math.apply_dense(var, grad, ms[i], vs[i], vhat, scalars)
 
     return apply_chunk
+
+
+def _summed(grad):
+    """A gradient, or the replicas' parts of one whose cross-replica sum was deferred to the
+    update (``aggregation.all_reduce_or_defer``): added here in replica order, inside the
+    compiled chunk, which saves writing and reading back the sum."""
+    if not isinstance(grad, (tuple, list)):
+        return grad
+    total = grad[0]
+    for part in grad[1:]:
+        total = total + part
+    return total
+
+
+def _grad_signature(grad) -> tuple:
+    parts = grad if isinstance(grad, (tuple, list)) else (grad,)
+    return (len(parts), parts[0].dtype.name)
 
 
 def _after(tensor: tf.Tensor, previous: tf.Variable) -> tf.Tensor:
@@ -240,7 +259,7 @@ def _apply_dense(updates: Sequence[DenseUpdate], cache: dict, device: Optional[s
 
         def key(chunk, variant=(scalars.has_weight_decay, group[0].vhat is not None)):
             return ("radam", device) + variant + tuple(
-                (u.var.dtype.name, tuple(u.var.shape), u.grad.dtype.name) for u in chunk)
+                (u.var.dtype.name, tuple(u.var.shape)) + _grad_signature(u.grad) for u in chunk)
 
         _in_chunks(group, cache, key, _compiled_dense_update, call)
 

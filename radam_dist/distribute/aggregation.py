@@ -15,6 +15,7 @@ and would save nothing.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import keras
@@ -79,6 +80,88 @@ def compressed_all_reduce_sum(
             result.append((next(other)[0], v))
     return result
 
+
+
+# -- the cross-replica sum in the step's own graph ---------------------------------------------
+#
+# Under a single-process MirroredStrategy all replicas' gradients live in one graph, and the
+# ring all-reduce between its devices (CollectiveReduceV2) costs more than reading the other
+# devices' tensors directly: the large set (13.6M parameters in 4 tensors, 2 logical CPUs)
+# spent 1.75x the per-replica bandwidth bound in the all-reduce alone. So there the dense
+# gradients go unreduced into the optimizer's merge_call, and every device adds all replicas'
+# gradients in replica order (the fused chunks inside their XLA computation, saving the write
+# and read of the sum): every copy gets the same bits, and for 2 replicas the bits of the ring
+# (a + b == b + a). For more replicas the rounding order differs from the ring's (measured in
+# tests/test_fused_strategies.py). ``RADAM_DIST_INGRAPH_SUM=0`` keeps Keras' all-reduce.
+
+INGRAPH_SWITCH = "RADAM_DIST_INGRAPH_SUM"
+
+
+def sums_in_graph(optimizer) -> bool:
+    """Can this step defer its dense gradients' sum to the merge_call (see above)?
+
+    Only a single-worker MirroredStrategy with merge_call, the float32 all-reduce and no
+    clipping (which needs the summed gradient before the update): elsewhere Keras' all-reduce.
+    """
+    from tensorflow.python.distribute import mirrored_strategy  # pylint: disable=import-outside-toplevel
+
+    if os.environ.get(INGRAPH_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if optimizer.all_reduce_dtype is not None or any(
+            getattr(optimizer, name, None) for name in ("clipnorm", "global_clipnorm", "clipvalue")):
+        return False
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return False
+    extended = tf.distribute.get_strategy().extended
+    ctx = tf.distribute.get_replica_context()
+    return (type(extended) is mirrored_strategy.MirroredExtended  # pylint: disable=unidiomatic-typecheck
+            and not getattr(extended, "_is_multi_worker_training", False)
+            and extended._use_merge_call()  # pylint: disable=protected-access
+            and ctx is not None and ctx.num_replicas_in_sync > 1)
+
+
+def all_reduce_or_defer(optimizer, grads_and_vars: Sequence[Tuple], all_reduce_sum) -> Tuple[
+        List[Tuple], Tuple[bool, ...]]:
+    """Keras' all-reduce of the pairs, except the dense float gradients whose sum
+    ``sums_in_graph`` defers to the merge_call; returns the pairs and, per pair, whether
+    its gradient is still this replica's own."""
+    grads_and_vars = list(grads_and_vars)
+    if not sums_in_graph(optimizer):
+        return all_reduce_sum(grads_and_vars), ()
+    deferred = tuple(g is not None and not isinstance(g, tf.IndexedSlices) and v.dtype.is_floating
+                     for g, v in grads_and_vars)
+    rest = [(g, v) for (g, v), d in zip(grads_and_vars, deferred) if not d and g is not None]
+    reduced = iter(all_reduce_sum(rest) if rest else [])
+    result = [(g, v) if d or g is None else (next(reduced)[0], v)
+              for (g, v), d in zip(grads_and_vars, deferred)]
+    return result, deferred
+
+
+def _replica_sum(parts):
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def in_graph_sum(distribution, grad):
+    """The mirrored sum of a per-replica gradient: on each device, in replica order."""
+    from tensorflow.python.distribute import values as values_lib  # pylint: disable=import-outside-toplevel
+
+    parts = distribution.experimental_local_results(grad)
+    sums = []
+    for device in distribution.extended.worker_devices:
+        with tf.device(device):
+            sums.append(_replica_sum(parts))
+    return values_lib.Mirrored(tuple(sums))
+
+
+class DeferredSum:
+    """A per-replica gradient whose sum the fused chunks compute (``fused.apply_dense``)."""
+
+    def __init__(self, distribution, value):
+        self.value = value
+        self.parts = tuple(distribution.experimental_local_results(value))
 
 # -- accumulation over micro-batches and skipping of non-finite steps --------------------------
 #

@@ -13,7 +13,9 @@ A step:
 2. each replica runs radam_math's update on its chunk (the chunk of the variable is a
    transient tensor in a ``_Rows`` cell, which radam_math reads and assigns like a variable;
    dense gradients of the local exchange in compiled chunks, ``fused.apply_dense_rows``);
-3. the updated chunks are all-gathered into every replica's copy of the variable.
+3. the updated chunks are all-gathered into every replica's copy of the variable (for a
+   sparse gradient only the changes of the touched rows, with their indices, which every
+   replica adds to its copy).
 
 So per replica the optimizer state is 2/N of the parameters (m, v) instead of 2x (3/N and 3x
 with amsgrad). This is the ``ReplicaSharded`` state layout (state_layout.py): from outside
@@ -422,13 +424,18 @@ def bytes_sent_per_replica(optimizer, exchange: Optional[str] = None,
       2 (N-1)/N G; IndexedSlices all-gathered (CollectiveReplicaLauncher's
       all_reduce_indexed_slices, ring): (N-1) k (R + X);
     * ``all-reduce+slice``: the same, then the ring all-gather of the new rows (N-1)/N P for
-      every variable, the sparse ones included: 1.5 times an all-reduce for dense ones;
+      every dense variable (1.5 times an all-reduce), and for a sparse one the changes of
+      its shard's touched rows with their indices (as columns of the values), counted as
+      (N-1) min(k, S) (R + X), S the rows of a shard (each replica's touched rows of the
+      summed gradient: about k of its N k entries, deduplicated; all_gather pads them to
+      the longest replica's count);
     * ``local-reduce-scatter``: rows r' of each dense gradient to replica r', (N-1)/N P, and
       the new rows back, (N-1)/N P; a sparse gradient's entries to every other replica,
-      (N-1) k (R + X), and the changes of the touched rows back, counted as (N-1) k (R + X)
-      (touched rows spread evenly over the shards; duplicates send less, at most N k rows).
+      (N-1) k (R + X), and the changes of the touched rows back, counted as
+      (N-1) min(k, S) (R + X) (touched rows spread evenly over the shards; duplicates send
+      less).
 
-    The few bytes of sizes the sparse all-gather exchanges first are left out.
+    The few bytes of sizes the sparse all-gathers exchange first are left out.
     """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     layout = getattr(inner, "_state_layout", None)
@@ -446,7 +453,8 @@ def bytes_sent_per_replica(optimizer, exchange: Optional[str] = None,
             entries = (n - 1) * sparse_rows * (row + sparse[index])
             unsharded += entries
             reduce += entries
-            gather += entries if exchange == LOCAL_REDUCE_SCATTER else (n - 1) * p // n
+            # the touched rows' changes, both exchanges: at most a shard's rows, deduplicated
+            gather += (n - 1) * min(sparse_rows, shards.rows_per_replica) * (row + sparse[index])
         else:
             unsharded += 2 * (n - 1) * g // n
             if exchange == LOCAL_REDUCE_SCATTER:
@@ -497,37 +505,149 @@ def _sparse_rows(grad: tf.IndexedSlices, first, rows: int):
 
 
 def _all_reduce_step(ctx, optimizer, state, grads, variables) -> None:
-    """Keras' all-reduce, each replica's rows sliced out, updated, all-gathered."""
+    """Keras' all-reduce, each replica's rows sliced out, updated, all-gathered.
+
+    A dense gradient: the replica's shard updated in compiled chunks, its new rows
+    all-gathered and assigned whole. A sparse gradient: only the touched rows of the
+    replica's shard move (radam_math.apply_sparse), so only their changes travel and
+    every replica scatter-adds them to its copy: the same float additions on the same rows
+    as adding them to the shard and gathering it whole (the indices are unique, the shards
+    disjoint), without sending the untouched rows of the table. Both in one all-gather
+    where the dtypes allow (``_all_gather_rows``).
+    """
     grads_and_vars = list(zip(grads, variables))
     if getattr(optimizer, "_aggregate_gradients", True):
         grads_and_vars = optimizer._all_reduce_sum_gradients(grads_and_vars)
     grads = optimizer._clip_aggregated([g for g, _ in grads_and_vars])
+    from radam_dist import fused  # pylint: disable=import-outside-toplevel
+
     replica = ctx.replica_id_in_sync_group
+    use_fused = fused.enabled() and hasattr(fused, "apply_dense_rows")
+    dense = []  # (position, rows, grad rows, m, v, vhat, scalars) for fused.apply_dense_rows
     scalars = {}
     new_values = []
-    for grad, var in zip(grads, variables):
+    changes = {}  # position -> (values, global indices) of this replica's touched rows
+    for position, (grad, var) in enumerate(zip(grads, variables)):
         if grad is None:
             new_values.append(tf.convert_to_tensor(var))
             continue
         s = _scalars_for(optimizer, var, scalars)
         shards = state.for_variable(optimizer, var)
         slots = {name: _this_replica(slot) for name, slot in shards.slots.items()}
-        work = _Rows(tf.gather(shards.padded(tf.convert_to_tensor(var)), replica))
         m, v, vhat = slots["m"], slots["v"], slots.get("vhat")
         if isinstance(grad, tf.IndexedSlices):
-            values, indices = _sparse_rows(grad, replica * shards.rows_per_replica,
-                                           shards.rows_per_replica)
+            first = replica * shards.rows_per_replica
+            values, indices = _sparse_rows(grad, first, shards.rows_per_replica)
+            work = _SparseRowsOf(var, first)
             radam_math.apply_sparse(work, values, indices, m, v, vhat, s)
-        else:
-            radam_math.apply_dense(work, tf.gather(shards.padded(grad), replica), m, v, vhat, s)
+            changes[position] = [(shards, d.values, d.indices + tf.cast(first, d.indices.dtype))
+                                 for d in work.deltas]
+            new_values.append(None)
+            continue
+        rows = tf.gather(shards.padded(tf.convert_to_tensor(var)), replica)
+        grad_rows = tf.gather(shards.padded(grad), replica)
+        if use_fused and var.dtype.is_floating:
+            dense.append((position, rows, grad_rows, m, v, vhat, s))
+            new_values.append((shards, None))
+            continue
+        work = _Rows(rows)
+        radam_math.apply_dense(work, grad_rows, m, v, vhat, s)
         new_values.append((shards, tf.convert_to_tensor(work)))
-    new_values = _all_gather_bucketed(ctx, new_values)
+    if dense:  # the shard's dense update in compiled chunks, as the local exchange's
+        out = fused.apply_dense_rows([d[1] for d in dense], [d[2] for d in dense],
+                                     [d[3] for d in dense], [d[4] for d in dense],
+                                     [d[5] for d in dense], [d[6] for d in dense],
+                                     cache=optimizer.__dict__.setdefault("_fused_compiled", {}))
+        for d, value in zip(dense, out):
+            new_values[d[0]] = (new_values[d[0]][0], value)
+    new_values, changes = _all_gather_rows(ctx, new_values, changes)
 
-    def assign_all(distribution, values):
-        for var, value in zip(variables, values):
+    def assign_all(distribution, values, changes):
+        for position, (var, value) in enumerate(zip(variables, values)):
+            if position in changes:
+                for delta_values, delta_indices in changes[position]:
+                    distribution.extended.update(
+                        var, lambda x, d, i: x.scatter_add(tf.IndexedSlices(d, i)),
+                        args=(delta_values, delta_indices), group=False)
+                continue
             distribution.extended.update(var, lambda x, y: x.assign(y), args=(value,), group=False)
 
-    ctx.merge_call(assign_all, args=(new_values,))
+    ctx.merge_call(assign_all, args=(new_values, changes))
+
+
+def _all_gather_rows(ctx, entries: list, changes: dict) -> tuple:
+    """(whole new values, gathered row changes) for ``_all_reduce_step``.
+
+    Under MWMS every all-gather is two collectives (the sizes, then the data; each a round
+    trip), so where all are float32 with int32 / int64 indices one all-gather carries it
+    all: per replica [row-change counts (int32 bits) | the dense variables' new rows | each
+    sparse variable's changed rows with their indices as columns], then cut by the counts.
+    Otherwise one all-gather per dtype and one per sparse update."""
+    deltas = [(p, j) for p in sorted(changes) for j in range(len(changes[p]))]
+    dense = [p for p, e in enumerate(entries) if isinstance(e, tuple)]
+    kinds = {entries[p][1].dtype for p in dense} | {changes[p][j][1].dtype for p, j in deltas}
+    if not deltas or kinds != {tf.float32} or any(
+            changes[p][j][2].dtype not in (tf.int32, tf.int64) for p, j in deltas):
+        out = _all_gather_bucketed(ctx, entries)
+        return out, {p: [_gather_row_changes(ctx, shards, values, indices)
+                         for shards, values, indices in d] for p, d in changes.items()}
+    counts, pieces, widths = [], [], []
+    for p, j in deltas:
+        shards, values, indices = changes[p][j]
+        k = tf.shape(values)[0]
+        width = shards.row_shape.num_elements()
+        index_columns = indices.dtype.size // 4  # int32: 1 float32 column, int64: 2
+        columns = tf.reshape(tf.bitcast(indices, tf.float32), [k, index_columns])
+        counts.append(tf.cast(k, tf.int32))
+        widths.append((width, width + index_columns))
+        pieces.append(tf.reshape(tf.concat([tf.reshape(values, [k, width]), columns], 1), [-1]))
+    sizes = [int(entries[p][1].shape.num_elements()) for p in dense]
+    flat_dense = [tf.reshape(entries[p][1], [-1]) for p in dense]
+    header = tf.bitcast(tf.stack(counts), tf.float32)
+    gathered = ctx.all_gather(tf.concat([header] + flat_dense + pieces, axis=0), axis=0)
+    n, j_count, d_size = ctx.num_replicas_in_sync, len(deltas), sum(sizes)
+    offset = tf.constant(0, tf.int32)
+    dense_parts, sparse_parts = [], [[] for _ in deltas]
+    for _ in range(n):  # each replica's segment: its header says how long it is
+        k = tf.bitcast(gathered[offset:offset + j_count], tf.int32)
+        offset += j_count
+        dense_parts.append(gathered[offset:offset + d_size])
+        offset += d_size
+        for j, (_, full) in enumerate(widths):
+            sparse_parts[j].append(tf.reshape(gathered[offset:offset + k[j] * full], [-1, full]))
+            offset += k[j] * full
+    out = list(entries)
+    if dense:
+        columns = tf.split(tf.stack(dense_parts), sizes, axis=1)
+        for p, column in zip(dense, columns):
+            shards = entries[p][0]
+            chunked = [shards.rows_per_replica * shards.num_replicas] + shards.row_shape.as_list()
+            out[p] = shards.unpadded(tf.reshape(column, chunked))
+    gathered_changes: Dict[int, list] = {}
+    for (p, j), parts, (width, full) in zip(deltas, sparse_parts, widths):
+        shards, _, indices = changes[p][j]
+        rows = tf.concat(parts, axis=0)
+        values = tf.reshape(rows[:, :width], [-1] + shards.row_shape.as_list())
+        index = tf.reshape(tf.bitcast(rows[:, width:], indices.dtype), [-1])
+        gathered_changes.setdefault(p, []).append((values, index))
+    return out, gathered_changes
+
+
+def _gather_row_changes(ctx, shards: _VarShards, values, indices):
+    """All replicas' (values, indices) of changed rows, concatenated in replica order; each
+    replica has its own number of rows (ReplicaContext.all_gather pads and unpads them).
+    Where the index bits fit in whole columns of the values' dtype (int32 or int64 indices,
+    float32 values) the indices ride as bitcast columns of the values: one all-gather."""
+    k = tf.shape(values)[0]
+    width = shards.row_shape.num_elements()
+    flat = tf.reshape(values, [k, width])
+    if indices.dtype.size % values.dtype.size == 0 and values.dtype.size in (4, 8):
+        columns = tf.reshape(tf.bitcast(indices, values.dtype), [k, -1])
+        gathered = ctx.all_gather(tf.concat([flat, columns], axis=1), axis=0)
+        out_values = tf.reshape(gathered[:, :width], [-1] + shards.row_shape.as_list())
+        out_indices = tf.bitcast(gathered[:, width:], indices.dtype)
+        return out_values, tf.reshape(out_indices, [-1])
+    return ctx.all_gather(values, axis=0), ctx.all_gather(indices, axis=0)
 
 
 def _all_gather_bucketed(ctx, entries: list) -> list:
@@ -535,7 +655,7 @@ def _all_gather_bucketed(ctx, entries: list) -> list:
     variable (under MWMS each collective is a round trip): ``entries`` holds a whole value
     (no gradient: unchanged) or ``(shards, rows)``; returns the whole new values."""
     buckets: Dict[str, list] = {}
-    for position, entry in enumerate(entries):
+    for position, entry in enumerate(entries):  # None: a sparse update (its rows travel apart)
         if isinstance(entry, tuple):
             buckets.setdefault(entry[1].dtype.name, []).append(position)
     out = list(entries)
@@ -574,6 +694,24 @@ class _SparseRows(_Rows):
 
     def scatter_add(self, slices):
         self.deltas.append(slices)
+
+
+class _SparseRowsOf(_SparseRows):
+    """A replica's shard of a variable under a sparse update, read row-wise from the
+    variable itself (``sparse_read`` of the touched rows only: a dense read of a table that
+    scatters have touched copies all of it), its scatter-adds kept as ``_SparseRows``'."""
+
+    def __init__(self, variable, first):
+        super().__init__(None)
+        self._variable, self._first = variable, first
+
+    @property
+    def dtype(self):
+        return self._variable.dtype
+
+    def sparse_read(self, indices):
+        return _this_replica(self._variable).sparse_read(
+            indices + tf.cast(self._first, indices.dtype))
 
 
 def _local_step(optimizer, state: ShardedState, variables: Sequence, distribution,

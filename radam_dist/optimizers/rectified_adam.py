@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Union
+import functools
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import keras
 import numpy as np
@@ -232,18 +233,31 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
         grads_and_vars = list(zip(grads, variables))
+        in_graph: Tuple[bool, ...] = ()  # per pair: summed across replicas in merge_call
         if self._aggregate_gradients:
-            grads_and_vars = self._all_reduce_sum_gradients(grads_and_vars)
+            grads_and_vars, in_graph = aggregation.all_reduce_or_defer(
+                self, grads_and_vars, self._all_reduce_sum_gradients)
         grads_and_vars = list(zip(self._clip_aggregated([g for g, _ in grads_and_vars]), variables))
         dtypes = {radam_math.compute_dtype(v.dtype) for v in variables}
         scalars = {d.name: self.step_scalars(learning_rate, d) for d in sorted(dtypes, key=str)}
         tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_update, self._distribution_strategy, grads_and_vars, scalars
+            # Plain Python (no autograph: it mis-converts a partial's callees).
+            tf.autograph.experimental.do_not_convert(
+                functools.partial(self._distributed_update, in_graph=in_graph)),
+            self._distribution_strategy, grads_and_vars, scalars
         )
 
-    def _distributed_update(self, distribution, grads_and_vars, scalars):
+    def _distributed_update(self, distribution, grads_and_vars, scalars, in_graph=()):
         cache = self.__dict__.setdefault("_fused_compiled", {})  # untracked by Keras
         devices = fused.mirrored_devices(distribution)
+        if any(in_graph):
+            # The dense gradients' cross-replica sum, deferred to here (aggregation.py):
+            # the fused chunks add every replica's gradient themselves; the per-variable
+            # path gets each device's sum as a mirrored value.
+            grads_and_vars = [
+                (aggregation.DeferredSum(distribution, g) if deferred and devices
+                 else aggregation.in_graph_sum(distribution, g) if deferred else g, v)
+                for (g, v), deferred in zip(grads_and_vars, in_graph)]
         if fused.applicable(distribution):
             # Dense updates in compiled XLA chunks (radam_dist/fused.py); sparse
             # gradients keep the per-variable path below.
@@ -269,12 +283,17 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         rest = []
         for grad, var in grads_and_vars:
             copies = layout.local_copies(distribution, var, devices)
-            grads = [fused.local_value(distribution, grad, i) for i in range(len(devices))]
+            if isinstance(grad, aggregation.DeferredSum):  # every device: all replicas' parts
+                grads = [grad.parts] * len(devices)
+            else:
+                grads = [fused.local_value(distribution, grad, i) for i in range(len(devices))]
             slots = [self._slot_value(name, var) for name in ("m", "v", "vhat")]
             slot_copies = [None if slot is None else layout.local_copies(distribution, slot, devices)
                            for slot in slots]
             if (copies is None or not all(fused.is_dense_float(g, var) for g in grads)
                     or any(c is None for c, slot in zip(slot_copies, slots) if slot is not None)):
+                if isinstance(grad, aggregation.DeferredSum):
+                    grad = aggregation.in_graph_sum(distribution, grad.value)
                 rest.append((grad, var))
                 continue
             s = self._variable_scalars(var, scalars)
