@@ -156,10 +156,7 @@ def _summed(grad):
     compiled chunk, which saves writing and reading back the sum."""
     if not isinstance(grad, (tuple, list)):
         return grad
-    total = grad[0]
-    for part in grad[1:]:
-        total = total + part
-    return total
+    return radam_math.sum_in_replica_order(grad)
 
 
 def _grad_signature(grad) -> tuple:

@@ -251,6 +251,17 @@ def apply_dense(var, grad, m, v, vhat: Optional[tf.Variable], s: StepScalars) ->
     _write(var, var_value - _product(s.lr, direction(m_t, v_t, var_value, s), s))
 
 
+def sum_in_replica_order(parts):
+    """``parts[0] + parts[1] + ...``, left to right: the cross-replica sum the in-graph paths
+    compute (the fused chunks, ZeRO's local reduce-scatter, the per-device sums). Every
+    device adding in the same order keeps every copy's bits equal; for two replicas they are
+    the ring all-reduce's bits too (a + b == b + a)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
 def deduplicate(values, indices):
     """Sum the rows of an IndexedSlices that share an index (as tf.keras optimizers do)."""
     unique, positions = tf.unique(indices)

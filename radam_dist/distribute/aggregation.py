@@ -21,6 +21,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
+from radam_dist import radam_math
+
 SUPPORTED_ALL_REDUCE_DTYPES = ("float32", "float16")
 
 
@@ -81,7 +83,6 @@ def compressed_all_reduce_sum(
     return result
 
 
-
 # -- the cross-replica sum in the step's own graph ---------------------------------------------
 #
 # Under a single-process MirroredStrategy all replicas' gradients live in one graph, and the
@@ -137,13 +138,6 @@ def all_reduce_or_defer(optimizer, grads_and_vars: Sequence[Tuple], all_reduce_s
     return result, deferred
 
 
-def _replica_sum(parts):
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
-
-
 def in_graph_sum(distribution, grad):
     """The mirrored sum of a per-replica gradient: on each device, in replica order."""
     from tensorflow.python.distribute import values as values_lib  # pylint: disable=import-outside-toplevel
@@ -152,7 +146,7 @@ def in_graph_sum(distribution, grad):
     sums = []
     for device in distribution.extended.worker_devices:
         with tf.device(device):
-            sums.append(_replica_sum(parts))
+            sums.append(radam_math.sum_in_replica_order(parts))
     return values_lib.Mirrored(tuple(sums))
 
 

@@ -672,14 +672,6 @@ def _all_gather_bucketed(ctx, entries: list) -> list:
     return out
 
 
-def _summed(pieces: Sequence[tf.Tensor]) -> tf.Tensor:
-    """pieces[0] + pieces[1] + ... in replica order (for N = 2 the all-reduce's bits)."""
-    total = pieces[0]
-    for piece in pieces[1:]:
-        total = total + piece
-    return total
-
-
 class _SparseRows(_Rows):
     """A replica's rows of a variable under a sparse update: read like ``_Rows``, but the
     scatter-adds are kept (``deltas``) rather than applied, so that every replica adds them
@@ -776,7 +768,7 @@ def _local_step(optimizer, state: ShardedState, variables: Sequence, distributio
                                       for d in work.deltas]
                     continue
                 if aggregate:
-                    grad = _summed([sh.padded(g)[r] for g in per_replica])
+                    grad = radam_math.sum_in_replica_order([sh.padded(g)[r] for g in per_replica])
                 else:
                     grad = sh.padded(per_replica[r])[r]
                 if clip_value > 0:
