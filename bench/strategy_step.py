@@ -18,7 +18,10 @@ The bound (large-tensor set): a step moves 28 bytes per float32 parameter (read 
 v; write var, m, v) on each replica's copy, so 2 x parameters x 28 bytes, divided by the
 memory bandwidth of an XLA-compiled in-place triad (bench/optimizer_step.py) measured in
 every turn among the candidates (mirrored: one process; mwms: both workers' triads at the
-same time, summed). It leaves out the gradients' all-reduce, which every row pays alike.
+same time, summed). Under MWMS every row pays the same all-reduce (the floor row); under a
+single-process MirroredStrategy RectifiedAdam sums the gradients inside its own update
+(``aggregation.sums_in_graph``), so there its ``minus all-reduce`` column subtracts a cost
+it does not pay: read ``vs bound``.
 
     .venv/bin/python bench/strategy_step.py --quick           # resnet50 + large, 3 turns
     .venv/bin/python bench/strategy_step.py --json out/bench/strategy_step.json
@@ -249,8 +252,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-per-variable", action="store_true",
                         help="leave out the RADAM_DIST_FUSED=0 rows")
     parser.add_argument("--quick", action="store_true",
-                        help="resnet50 and large only, 3 turns, 10 fit steps (14 minutes on "
-                        "the 2-core development VM at load 5-9, most of it resnet50's steps)")
+                        help="resnet50 and large only, 3 turns, 10 fit steps (5 minutes on the "
+                        "quiet 2-core development VM, 14 at load 5-9)")
     parser.add_argument("--code", default="", metavar="DIR",
                         help="import radam_dist from DIR (e.g. `git archive HEAD radam_dist | "
                         "tar -x -C DIR`: the code before a change) instead of this checkout")
