@@ -26,8 +26,13 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml build_hooks.py
 # Capability-specific recipes (generated gRPC stubs, the Horovod build, ...).
 -include mk/*.mk
 
+# Two pytest processes by default, each taking whole test files (module fixtures start their
+# clusters once); most tests wait on subprocesses, so two overlap well even on 2 cores.
+# PYTEST_JOBS=0 runs everything in one process.
+PYTEST_JOBS ?= 2
+
 test: $(STAMP) $(TEST_PREREQS)  ## run the test suite
-	$(VPY) -m pytest tests $(PYTEST_ARGS)
+	$(VPY) -m pytest tests -n $(PYTEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 demo: $(STAMP) $(DEMO_PREREQS)  ## train the demo model and write out/
 	$(VPY) -m radam_dist.demo $(DEMO_ARGS)

@@ -39,6 +39,8 @@ RADAM = "RectifiedAdam"
 LOOKAHEAD = "Lookahead(RectifiedAdam)"
 PER_VARIABLE = " (per-variable, RADAM_DIST_FUSED=0)"
 FLOOR = "floor: the gradients' all-reduce alone"
+# MWMS: radam_dist all-reduces large gradients one by one (aggregation.split_all_reduce_sum)
+SPLIT_FLOOR = "floor: radam_dist's all-reduce alone (large gradients one by one)"
 
 
 def _strategy(kind: str):
@@ -127,6 +129,24 @@ def step_mode(args) -> dict:
 
         time_runs(floor, sync, steps=0, runs=0, warmup=2)
         steps[FLOOR], switch[FLOOR] = floor, True
+        split_floor = None
+        if args.strategy == "mwms":
+            from radam_dist.distribute import aggregation
+
+            def keras_sum(pairs):
+                reduced = tf.distribute.get_replica_context().all_reduce(
+                    tf.distribute.ReduceOp.SUM, [g for g, _ in pairs])
+                return list(zip(reduced, [v for _, v in pairs]))
+
+            def split_only(g):
+                aggregation.split_all_reduce_sum(list(zip(g, variables)), keras_sum)
+
+            @tf.function
+            def split_floor():
+                strategy.run(split_only, args=(grads,))
+
+            time_runs(split_floor, sync, steps=0, runs=0, warmup=2)
+            steps[SPLIT_FLOOR], switch[SPLIT_FLOOR] = split_floor, True
         times: Dict[str, List[float]] = {name: [] for name in steps}
         bandwidths: List[float] = []
         for turn in range(args.runs):
@@ -139,7 +159,7 @@ def step_mode(args) -> dict:
             "variables": len(shapes), "parameters": parameter_count(shapes),
             "per_run_s": times, "triad_b_s": bandwidths}
         steps.clear()
-        del variables, grads, optimizer, step, floor
+        del variables, grads, optimizer, step, floor, split_floor
         gc.collect()
     return out
 

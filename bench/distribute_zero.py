@@ -6,11 +6,15 @@ C, ...; each ratio is the median of the per-round ratios, so load that drifts ov
 hits all three alike):
   * ``unsharded``: shard_optimizer_state=False, the anchor (the replicated step, whatever
     path it takes now; the header says which);
-  * ``all-reduce+slice``: ZeRO-1 with Keras' all-reduce, a slice, an all-gather (the only
-    exchange under MWMS; forced here with RADAM_DIST_ZERO_EXCHANGE=all-reduce at trace time);
+  * ``all-reduce+slice``: ZeRO-1 with Keras' all-reduce, a slice, an all-gather (the
+    fallback where the whole sum is needed; forced here with RADAM_DIST_ZERO_EXCHANGE=all-reduce
+    at trace time);
   * ``local-reduce-scatter``: ZeRO-1's default under single-worker MirroredStrategy, the
     reduce-scatter and all-gather done in the step's graph (zero.choose_exchange says why:
-    TensorFlow 2.21 has no CPU reduce-scatter collective).
+    TensorFlow 2.21 has no CPU reduce-scatter collective);
+  * ``all-to-all`` (--mwms only): ZeRO-1's default under MWMS, the dense gradients' row
+    blocks by the CollectiveAllToAllV2 collective (a reduce-scatter's bytes), summed by the
+    receiver, then the all-gather.
 Measured or counted for each:
   * optimizer-state bytes held by one replica (m and v; exact, from the variables);
   * bytes one replica sends per step, by formula from the shapes and the algorithm
@@ -42,6 +46,7 @@ VOCAB, DIM, HIDDEN, BATCH = 20000, 32, 512, 256
 
 
 MODES = ("unsharded", "all-reduce+slice", "local-reduce-scatter")
+MWMS_MODES = ("unsharded", "all-reduce+slice", "all-to-all")
 IDS_PER_EXAMPLE = 8
 
 
@@ -65,9 +70,9 @@ def child(replicas: int, steps: int, mwms: bool = False) -> dict:
     else:
         strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
     per_replica = BATCH // replicas
-    # under MWMS the exchange is all-reduce+slice whatever is asked (choose_exchange); with
-    # one replica there is nothing to exchange, and ZeRO takes its default path
-    modes = MODES[:2] if mwms else (MODES[0], MODES[2]) if replicas == 1 else MODES
+    # under MWMS the default exchange is all-to-all (choose_exchange); with one replica
+    # there is nothing to exchange, and ZeRO takes its default path
+    modes = MWMS_MODES if mwms else (MODES[0], MODES[2]) if replicas == 1 else MODES
 
     def make(mode):
         keras.utils.set_random_seed(0)
@@ -157,7 +162,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="N = 2, 4; 12 rounds (~1 min)")
     parser.add_argument("--mwms", action="store_true",
                         help="also MultiWorkerMirroredStrategy over 2 worker processes "
-                             "(radam-dist launch; unsharded and all-reduce+slice)")
+                             "(radam-dist launch; unsharded, all-reduce+slice, all-to-all)")
     parser.add_argument("--mwms-workers", type=int, default=2, metavar="N",
                         help="worker processes of --mwms (default 2)")
     parser.add_argument("--child", type=int, metavar="N", help=argparse.SUPPRESS)

@@ -22,7 +22,10 @@ The server's own split (second table) is the median of the "PushPull split ms" l
 server logs for the timed calls: wire_in (waiting for the upload), decode (split_message +
 TensorAssembler, NaN/Inf checked chunk by chunk), validate (the remaining checks), apply (one
 RAdam step; the write-ahead log if on), snapshot (ParameterStore.read), encode (values to
-PullResponse bytes), wire_out (streaming them, less encoding).
+PullResponse bytes), wire_out (streaming them, less encoding). Below it, the client's side of
+the same calls (PSClient.last_split): encode (gradients to request bytes, overlapping the
+upload), wire_wait (waiting for response messages: the upload, the server's whole turn and the
+download), decode (parsing them and copying into the arrays).
 
 The in-process split (third table) times each piece of a push_pull alone, in this process, on
 the same arrays and through the same functions the server and client run: client encode
@@ -32,6 +35,7 @@ encode, client decode. wire = the echo round trip; rest = push_pull - wire - the
 
     .venv/bin/python bench/ps_throughput.py [--sizes 10e6 100e6] [--repeats 5] [--no-split]
     .venv/bin/python bench/ps_throughput.py --quick   # push_pull vs echo + splits, about a minute
+    .venv/bin/python bench/ps_throughput.py --quick --receive-buffer-bytes 0   # without buffer reuse
 """
 
 from __future__ import annotations
@@ -101,21 +105,22 @@ PHASES = ("client_encode", "server_decode", "validate", "apply", "snapshot", "se
           "client_decode")
 
 
-def split(values, grads, chunk_bytes: int, repeats: int) -> dict:
+def split(values, grads, chunk_bytes: int, repeats: int, receive_buffer_bytes: int = 1 << 30) -> dict:
     """Median seconds of each piece of a push_pull, each run alone in this process."""
     import json
 
     from radam_dist.ps.proto import pb
     from radam_dist.ps.service import ServeOptions, ShardService
     from radam_dist.ps.store import VariableSpec
-    from radam_dist.ps.tensors import (TensorAssembler, parse_chunk_message, serialized_chunks,
-                                       split_message)
+    from radam_dist.ps.tensors import (BufferPool, TensorAssembler, parse_chunk_message,
+                                       serialized_chunks, split_message)
 
-    service = ShardService(ServeOptions(chunk_bytes=chunk_bytes))
+    service = ShardService(ServeOptions(chunk_bytes=chunk_bytes, receive_buffer_bytes=receive_buffer_bytes))
     store = service.store
     specs = [VariableSpec(k, v.dtype.name, v.shape, 0, v.shape[0]) for k, v in values.items()]
     store.create(store.check_registration(json.dumps({"learning_rate": 1e-3}), specs), specs, values)
     state = {}
+    client_pool = BufferPool(receive_buffer_bytes)  # as PSClient's (arrays dropped at once here)
 
     def client_encode():
         state["raw"] = [raw for k in sorted(grads)  # what PSClient sends
@@ -123,7 +128,7 @@ def split(values, grads, chunk_bytes: int, repeats: int) -> dict:
 
     def server_decode():  # as ShardService._receive does with the bytes gRPC hands it
         assembler = TensorAssembler(1 << 62, service._PUSH_ROLES, service._expect_push, service.budget,
-                                    check_finite=True)
+                                    check_finite=True, pool=service.receive_pool)
         for raw in state["raw"]:
             _, _, chunk, data = split_message(pb, pb.PushRequest, raw)
             assembler.add(chunk, data)
@@ -150,7 +155,7 @@ def split(values, grads, chunk_bytes: int, repeats: int) -> dict:
         del state["snapshot"]
 
     def client_decode():
-        assembler = TensorAssembler(1 << 62, frozenset({pb.VALUE}))
+        assembler = TensorAssembler(1 << 62, frozenset({pb.VALUE}), pool=client_pool)
         for raw in state["pull"]:  # as PSClient._collect does
             _, chunk, data = parse_chunk_message(pb, pb.PullResponse, raw)
             assembler.add(chunk, data)
@@ -201,6 +206,9 @@ def main() -> int:
     parser.add_argument("--echo-default-allocator", action="store_true",
                         help="the echo server keeps glibc's default malloc thresholds (a slower anchor)")
     parser.add_argument("--no-split", action="store_true", help="skip the in-process time split")
+    parser.add_argument("--receive-buffer-bytes", type=int, default=1 << 30,
+                        help="server and client: receive buffers kept for reuse (0: fresh memory "
+                             "for every push and pull, as before buffer reuse)")
     parser.add_argument("--quick", action="store_true",
                         help="push_pull vs echo only (no push / pull alone), 5 repeats: about a minute")
     args = parser.parse_args()
@@ -211,7 +219,7 @@ def main() -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {cpu.strip()}")
     print(f"{'params':>12} {'MB':>7} {'push s':>8} {'pull s':>8} {'push_pull s':>11} {'echo s':>8} "
           f"{'ratio':>6} {'turns':>6} {'PS GB/s':>8} {'echo GB/s':>9}  load (1 min, start-end)")
-    splits, server_side = [], []
+    splits, server_side, client_side = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         echo_cmd = [sys.executable, str(REPO / "bench" / "ps_echo_server.py")]
@@ -225,11 +233,12 @@ def main() -> int:
                 n = int(size) // 4 * 4
                 server, port = start([sys.executable, "-m", "radam_dist.ps.cli", "serve", "--port", "0",
                                       "--mode", "async", "--max-staleness", "-1", "--checkpoint-interval", "0",
-                                      "--chunk-bytes", str(args.chunk_bytes), "--log-level", "DEBUG"],
+                                      "--chunk-bytes", str(args.chunk_bytes), "--log-level", "DEBUG",
+                                      "--receive-buffer-bytes", str(args.receive_buffer_bytes)],
                                      tmp, f"ps{n}")
                 procs.append(server)
                 client = PSClient([f"127.0.0.1:{port}"], chunk_bytes=args.chunk_bytes,
-                                  tune_allocator=True)
+                                  tune_allocator=True, receive_buffer_bytes=args.receive_buffer_bytes)
                 rng = np.random.default_rng(0)
                 values = {f"v{i}": rng.normal(size=n // 4).astype(np.float32) for i in range(4)}
                 client.register(values, {"learning_rate": 1e-3})
@@ -237,9 +246,14 @@ def main() -> int:
                 nbytes = 4 * n
                 t_push = float("nan") if args.quick else timed(lambda: client.push(grads), args.repeats)
                 t_pull = float("nan") if args.quick else timed(lambda: client.pull(), args.repeats)
-                load0, turns = os.getloadavg()[0], []
+                load0, turns, client_splits = os.getloadavg()[0], [], []
+
+                def push_pull():
+                    client.push_pull(grads)
+                    client_splits.append(dict(client.last_split[0]))
+
                 t_pp, t_echo = interleaved(
-                    [lambda: client.push_pull(grads),
+                    [push_pull,
                      lambda: echo_round_trip(echo_channel, nbytes, args.chunk_bytes)], args.repeats,
                     turns)
                 pair = statistics.median(a / b for a, b in zip(*turns))
@@ -250,8 +264,11 @@ def main() -> int:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
                 server_side.append((n, server_split(tmp / f"ps{n}.log", args.repeats)))
+                client_side.append((n, {k: 1e3 * statistics.median(c[k] for c in client_splits[-args.repeats:])
+                                        for k in ("encode", "wire_wait", "decode")}))
                 if not args.no_split:
-                    splits.append((n, t_pp, t_echo, split(values, grads, args.chunk_bytes, args.repeats)))
+                    splits.append((n, t_pp, t_echo, split(values, grads, args.chunk_bytes, args.repeats,
+                                                          args.receive_buffer_bytes)))
                 del grads, values
         finally:
             for p in procs:
@@ -266,6 +283,12 @@ def main() -> int:
     for n, parts in server_side:
         print(f"{n:>12,} " + " ".join(f"{parts.get(k, float('nan')):>9.1f}" for k in keys)
               + f" {sum(parts.get(k, 0.0) for k in keys):>9.1f}")
+    print("\nclient side of the same calls (ms, medians; PSClient.last_split): encode = gradients "
+          "to request bytes (overlaps the upload), wire_wait = waiting for response messages "
+          "(covers the server's whole turn), decode = parsing them + copying into the arrays")
+    print(f"{'params':>12} {'encode':>9} {'wire_wait':>9} {'decode':>9}")
+    for n, parts in client_side:
+        print(f"{n:>12,} {parts['encode']:>9.1f} {parts['wire_wait']:>9.1f} {parts['decode']:>9.1f}")
     if splits:
         print("\nsplit of push_pull (ms; pieces timed alone in this process, median of "
               f"{args.repeats}; rest = push_pull - wire - pieces)")

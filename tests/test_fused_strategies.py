@@ -14,6 +14,10 @@ Under a single-process MirroredStrategy the dense gradients' cross-replica sum r
 step's own graph (``aggregation.all_reduce_or_defer``; the fused chunks add the replicas'
 gradients): bit for bit Keras' ring all-reduce at N=2 (``RADAM_DIST_INGRAPH_SUM=0``), also
 behind the accumulation gate; clipping keeps Keras' all-reduce; N=4 to round-off.
+
+Under MWMS the large dense gradients are all-reduced one by one
+(``aggregation.split_all_reduce_sum``): bit for bit Keras' single pack at N=2
+(``RADAM_DIST_ALL_REDUCE_SPLIT=0``), in the same two-worker run as the fused check.
 """
 
 import json
@@ -74,19 +78,44 @@ def test_only_a_mirrored_strategys_cross_replica_context_takes_the_per_device_pa
         assert fused.mirrored_devices(strategy) is None
 
 
-@pytest.mark.timeout(180)
-def test_multi_worker_mirrored_fused_step_is_bit_for_bit_the_per_variable_step(tmp_path):
-    out = tmp_path / "bits.json"
-    code, log = ch.launch(2, 0, [str(ch.SCRIPTS / "fused_bits.py"), "--out", str(out)], 170)
+@pytest.fixture(scope="module")
+def mwms_results(tmp_path_factory):
+    """One MWMS x2 run of fused_bits.py (two worker processes): per worker its JSON."""
+    out = tmp_path_factory.mktemp("mwms") / "bits.json"
+    code, log = ch.launch(2, 0, [str(ch.SCRIPTS / "fused_bits.py"), "--out", str(out),
+                                 "--split-check"], 200)
     assert code == 0, log[-4000:]
+    return [json.loads(pathlib.Path(f"{out}.worker-{task}").read_text()) for task in (0, 1)]
+
+
+@pytest.mark.timeout(220)
+def test_multi_worker_mirrored_fused_step_is_bit_for_bit_the_per_variable_step(mwms_results):
     for task in (0, 1):
-        result = json.loads(pathlib.Path(f"{out}.worker-{task}").read_text())
+        result = mwms_results[task]
         assert result["num_replicas"] == 2
         assert sorted(result["cases"]) == ["loop-ranger"]
         for name, case in result["cases"].items():
             _assert_fused_matches_plain(
                 f"worker {task} {name}", case,
                 [f"/job:worker/replica:0/task:{task}/device:CPU:0"])
+
+
+@pytest.mark.timeout(220)
+def test_multi_worker_split_all_reduce_is_bit_for_bit_keras_single_pack(mwms_results):
+    """aggregation.split_all_reduce_sum (each large dense gradient in a collective of its own;
+    here every dense one, SPLIT_MIN_BYTES = 0, the Embedding's IndexedSlices through Keras)
+    against Keras' single pack (RADAM_DIST_ALL_REDUCE_SPLIT=0): the same bits at N=2 on
+    every copy of every variable and optimizer variable after 7 steps."""
+    for task in (0, 1):
+        split = mwms_results[task]["split"]
+        assert split["split_counted"] and all(n == 4 for n in split["split_counted"]), (
+            "the 4 dense gradients (2 kernels, 2 biases) must go one by one")
+        assert split["single_counted"] == [], "RADAM_DIST_ALL_REDUCE_SPLIT=0 keeps Keras' pack"
+        assert len(split["split"]) == len(split["single"]) > 0
+        for i, (a, b) in enumerate(zip(split["split"], split["single"])):
+            assert a == b, f"worker {task}: array {i} differs in its bits"
+        initial = fused_bits.bits([fused_bits.build_model().weights[0].numpy()])[0]
+        assert split["split"][0] != initial  # it trained: the comparison can fail
 
 
 # -- the gradients' cross-replica sum in the step's own graph (aggregation.sums_in_graph) --------

@@ -2,10 +2,12 @@
 
 TensorFlow 2.21 has no CPU reduce-scatter collective (``CollectiveReduceScatterV2`` is NCCL
 only), so under a single-worker MirroredStrategy the reduce-scatter and the all-gather run in
-the step's graph (``local-reduce-scatter``); elsewhere Keras' all-reduce, then a slice
-(``all-reduce+slice``). These tests, under MirroredStrategy over 2 and 4 logical CPUs with
-the model of tests/distribute_scripts/trajectory.py (an Embedding with sparse gradients and a
-Dense layer whose 1-row bias is padded), check:
+the step's graph (``local-reduce-scatter``); under MWMS the dense gradients' row blocks go by
+an all-to-all collective, summed by the receiver (``all-to-all``); where the whole sum is
+needed Keras' all-reduce, then a slice (``all-reduce+slice``). These tests, under
+MirroredStrategy over 2 and 4 logical CPUs and MWMS over 2 worker processes, with the model
+of tests/distribute_scripts/trajectory.py (an Embedding with sparse gradients and a Dense
+layer whose 1-row bias is padded), check:
 
 * the exchange taken (``zero.exchange_path``) is ``local-reduce-scatter`` by default and
   ``all-reduce+slice`` under ``RADAM_DIST_ZERO_EXCHANGE=all-reduce`` and with clipnorm;
@@ -17,7 +19,12 @@ Dense layer whose 1-row bias is padded), check:
 * the local shard's update in compiled chunks (``fused.apply_dense_rows``) gives the bits of
   the per-variable update: of all-reduce+slice's (above), and of the local exchange's with
   ``RADAM_DIST_FUSED=0`` (amsgrad);
-* ``bytes_sent_per_replica`` is the stated formula for these shapes.
+* under MWMS x2 (one pair of worker processes, three optimizers in turn) ``all-to-all`` is
+  the default and gives, step by step, the bits of ``all-reduce+slice``
+  (``RADAM_DIST_ZERO_EXCHANGE=all-reduce``), of the unsharded optimizer and of the local
+  exchange over 2 logical CPUs; over 4 worker processes ``all-to-all`` and
+  ``all-reduce+slice`` agree to float32 round-off (another order of the sum);
+* ``bytes_sent_per_replica`` is the stated formula for these shapes, for every exchange.
 """
 
 import json
@@ -60,7 +67,7 @@ def _run(n, kind="radam", **options):
     return _RUNS[key]
 
 
-def _make_run(n, kind, strategy=None, **options):
+def _make_run(n, kind, strategy=None, shard=True, **options):
     if strategy is None:
         if len(tf.config.list_logical_devices("CPU")) < n:
             pytest.skip(f"needs {n} logical CPUs (TensorFlow started with fewer)")
@@ -68,7 +75,7 @@ def _make_run(n, kind, strategy=None, **options):
     with strategy.scope():
         model = t.build_model()
         radam = radam_dist.RectifiedAdam(learning_rate=0.02, weight_decay=0.01,
-                                         shard_optimizer_state=True, **options)
+                                         shard_optimizer_state=shard, **options)
         optimizer = radam if kind == "radam" else radam_dist.Lookahead(
             radam, sync_period=2, slow_step_size=0.5)
         optimizer.build(model.trainable_variables)
@@ -85,7 +92,8 @@ def _make_run(n, kind, strategy=None, **options):
                 for a in (ids, feats, y)))
         step(*batch)
         weights.append(model.get_weights())
-    return zero.exchange_path(optimizer), weights, optimizer.get_weights(), optimizer
+    exchange = zero.exchange_path(optimizer) if shard else "unsharded"
+    return exchange, weights, optimizer.get_weights(), optimizer
 
 
 def _bits(arrays):
@@ -134,41 +142,109 @@ def test_four_replicas_agree_to_round_off():
     assert result["deviation"] < 1e-6  # float32 round-off of weights of order 1
 
 
-def test_mwms_sparse_rows_exchange_is_bit_equal_to_the_local_exchange(tmp_path):
-    """Lookahead(RectifiedAdam) under MWMS over two worker processes (all-reduce+slice: only
-    the Embedding's touched rows travel, as values with their indices, and every worker
-    scatter-adds them) gives, step by step, the bits of the in-graph exchange over 2
-    logical CPUs (at HEAD 62f37c4 bit-equal to all-reduce+slice with the whole shard
-    gathered; the test above keeps it bit-equal to all-reduce+slice in one process)."""
+MWMS_CONFIGS = {"default": {}, "all-reduce": {zero.EXCHANGE_ENV: "all-reduce"},
+                "unsharded": None}
+
+
+def test_mwms_all_to_all_is_bit_equal_to_all_reduce_slice_and_unsharded(tmp_path):
+    """Lookahead(RectifiedAdam) under MWMS over two worker processes, three optimizers in
+    turn: the default exchange is ``all-to-all`` (the dense gradients' row blocks by
+    CollectiveAllToAllV2, summed by the receiver; the Embedding's IndexedSlices by Keras'
+    all-reduce; only its touched rows travel back); ``RADAM_DIST_ZERO_EXCHANGE=all-reduce``
+    takes ``all-reduce+slice``. Both give, step by step, the bits of the unsharded optimizer
+    and of the in-graph exchange over 2 logical CPUs (N = 2: a + b == b + a), and the
+    collectives after the all-to-all (all-gather, the next optimizer's) still run."""
     out = tmp_path / "mwms.json"
     code, log = ch.launch(2, 0, [__file__, "mwms", str(out)], 150)
     assert code == 0, log[-4000:]
     result = json.loads(out.read_text())
-    assert result["exchange"] == zero.ALL_REDUCE_SLICE
-    assert result["sparse_index_bytes"] == {"0": 4}  # the Embedding's gradient was sparse
+    assert [result[c]["exchange"] for c in MWMS_CONFIGS] == [
+        zero.ALL_TO_ALL, zero.ALL_REDUCE_SLICE, "unsharded"]
+    for config in ("default", "all-reduce"):  # the Embedding's gradient was sparse
+        assert result[config]["sparse_index_bytes"] == {"0": 4}
+    runs = {config: (r["exchange"], [[np.asarray(w, np.float32) for w in step]
+                                     for step in r["weights"]],
+                     [np.asarray(w, np.float32) for w in r["state"]])
+            for config, r in result.items() if config in MWMS_CONFIGS}
+    assert all(len(r[1]) == STEPS for r in runs.values())
+    _assert_bit_equal(runs["default"], runs["all-reduce"])
+    _assert_bit_equal(runs["default"], runs["unsharded"])
     local = _run(2, "ranger")
     assert local[0] == zero.LOCAL_REDUCE_SCATTER
-    mwms = (result["exchange"], [[np.asarray(w, np.float32) for w in step]
-                                 for step in result["weights"]],
-            [np.asarray(w, np.float32) for w in result["state"]])
-    assert len(mwms[1]) == STEPS
-    _assert_bit_equal(local, mwms)
-    assert not np.array_equal(mwms[1][0][0], mwms[1][-1][0])  # the weights did move
+    _assert_bit_equal(local, runs["default"])
+    # the whole summed gradient needed: all-reduce+slice under MWMS too
+    assert result["fallbacks"] == {"clipnorm": zero.ALL_REDUCE_SLICE,
+                                   "global_clipnorm": zero.ALL_REDUCE_SLICE,
+                                   "all_reduce_dtype": zero.ALL_REDUCE_SLICE}
+    # bytes: the dense ones a reduce-scatter's (N-1)/N P, the Embedding's as all-reduce+slice
+    k, row, index, g, p = 8 * 3, 16, 4, 64 + 4, 64 + 8  # as test_bytes_sent_per_replica_...
+    entries, changed = k * (row + index), 12 * (row + index)
+    assert result["default"]["bytes"] == {
+        "exchange": zero.ALL_TO_ALL, "replicas": 2, "reduce": p // 2 + entries,
+        "gather": p // 2 + changed, "total": p + entries + changed, "unsharded": g + entries}
+    assert result["all-reduce"]["bytes"]["reduce"] == g + entries
+    assert not np.array_equal(runs["default"][1][0][0], runs["default"][1][-1][0])  # moved
 
 
 def _mwms_worker(out_path):
     """One worker of the MWMS test (``radam-dist launch --workers 2``); worker 0 writes."""
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    exchange, weights, state, optimizer = _make_run(2, "ranger", strategy=strategy)
-    result = {"exchange": exchange,
-              "sparse_index_bytes": {str(k): v for k, v in
-                                     optimizer.inner_optimizer._state_layout
-                                     .sparse_index_bytes.items()},
-              "weights": [[np.asarray(w).tolist() for w in step] for step in weights],
-              "state": [np.asarray(w).tolist() for w in state]}
+    result = {}
+    for config, env in MWMS_CONFIGS.items():
+        os.environ.pop(zero.EXCHANGE_ENV, None)
+        os.environ.update(env or {})  # read when the step is traced (its first call)
+        exchange, weights, state, optimizer = _make_run(2, "ranger", strategy=strategy,
+                                                        shard=env is not None)
+        layout = optimizer.inner_optimizer._state_layout
+        result[config] = {
+            "exchange": exchange,
+            "sparse_index_bytes": {str(k): v for k, v in
+                                   getattr(layout, "sparse_index_bytes", {}).items()},
+            "weights": [[np.asarray(w).tolist() for w in step] for step in weights],
+            "state": [np.asarray(w).tolist() for w in state]}
+        if env is not None:
+            result[config]["bytes"] = zero.bytes_sent_per_replica(optimizer, sparse_rows=8 * 3)
+    os.environ.pop(zero.EXCHANGE_ENV, None)
+    with strategy.scope():
+        result["fallbacks"] = {
+            name: zero.choose_exchange(radam_dist.RectifiedAdam(
+                shard_optimizer_state=True, **{name: value}), strategy)[0]
+            for name, value in (("clipnorm", 1.0), ("global_clipnorm", 1.0),
+                                ("all_reduce_dtype", "float16"))}
     if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 0:
         with open(out_path, "w") as f:
             json.dump(result, f)
+
+
+def test_mwms_four_workers_all_to_all_agrees_with_all_reduce_slice(tmp_path):
+    """MWMS over four worker processes: the all-to-all's rank order is the replica order
+    (each worker updates its own rows), and the receiver's sum 0 + 1 + 2 + 3 agrees with
+    the ring all-reduce's (another order) to float32 round-off."""
+    out = tmp_path / "mwms4.json"
+    code, log = ch.launch(4, 0, [__file__, "mwms4", str(out)], 150)
+    assert code == 0, log[-4000:]
+    result = json.loads(out.read_text())
+    assert result["exchanges"] == [zero.ALL_TO_ALL, zero.ALL_REDUCE_SLICE]
+    assert result["moved"] > 1e-2
+    assert result["deviation"] < 1e-6
+
+
+def _mwms4_worker(out_path):
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    runs = []
+    for env in ({}, {zero.EXCHANGE_ENV: "all-reduce"}):
+        os.environ.pop(zero.EXCHANGE_ENV, None)
+        os.environ.update(env)
+        runs.append(_make_run(4, "radam", strategy=strategy))
+    deviation = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                    for step_a, step_b in zip(runs[0][1], runs[1][1])
+                    for x, y in zip(step_a, step_b))
+    moved = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                for x, y in zip(runs[0][1][0], runs[0][1][-1]))
+    if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 0:
+        with open(out_path, "w") as f:
+            json.dump({"exchanges": [r[0] for r in runs], "deviation": deviation,
+                       "moved": moved}, f)
 
 
 def test_clipnorm_takes_all_reduce_and_slice():
@@ -203,6 +279,9 @@ def test_bytes_sent_per_replica_is_the_formula():
     sliced = zero.bytes_sent_per_replica(optimizer, zero.ALL_REDUCE_SLICE, sparse_rows=k)
     # the Embedding's touched rows travel (with their indices), not its whole shard
     assert (sliced["reduce"], sliced["gather"]) == (g + entries, p // 2 + changed)
+    # MWMS's all-to-all: the dense rows as the local reduce-scatter, the sparse as sliced
+    to_all = zero.bytes_sent_per_replica(optimizer, zero.ALL_TO_ALL, sparse_rows=k)
+    assert (to_all["reduce"], to_all["gather"]) == (p // 2 + entries, p // 2 + changed)
     assert local["unsharded"] == sliced["unsharded"] == g + entries
     assert local["total"] == local["reduce"] + local["gather"]
 
@@ -212,3 +291,5 @@ if __name__ == "__main__":
         print(json.dumps(_four_replicas()))
     elif sys.argv[1:2] == ["mwms"]:
         _mwms_worker(sys.argv[2])
+    elif sys.argv[1:2] == ["mwms4"]:
+        _mwms4_worker(sys.argv[2])

@@ -8,8 +8,10 @@ A step:
 
 1. each replica gets its chunk of the summed gradients: under a single-worker
    MirroredStrategy by a reduce-scatter in the step's own graph (``local-reduce-scatter``),
-   elsewhere by Keras' all-reduce and a slice (``all-reduce+slice``); ``choose_exchange``
-   says why (TensorFlow has no CPU reduce-scatter collective);
+   under MWMS by an all-to-all collective of the dense gradients' row blocks, summed by the
+   receiver (``all-to-all``), where the step needs the whole sum by Keras' all-reduce and a
+   slice (``all-reduce+slice``); ``choose_exchange`` says why (TensorFlow has no CPU
+   reduce-scatter collective);
 2. each replica runs radam_math's update on its chunk (the chunk of the variable is a
    transient tensor in a ``_Rows`` cell, which radam_math reads and assigns like a variable;
    dense gradients of the local exchange in compiled chunks, ``fused.apply_dense_rows``);
@@ -36,6 +38,7 @@ from typing import Dict, List, Optional, Sequence
 
 import keras
 import tensorflow as tf
+from tensorflow.python.ops import collective_ops
 
 from radam_dist import radam_math
 from radam_dist.distribute.state_layout import StateLayout
@@ -346,6 +349,7 @@ class ReplicaSharded(StateLayout):
 # -- how the gradients reach each replica's shard -------------------------------------------------
 # The exchange a step uses (``ReplicaSharded.exchange`` / ``exchange_path``):
 LOCAL_REDUCE_SCATTER = "local-reduce-scatter"
+ALL_TO_ALL = "all-to-all"
 ALL_REDUCE_SLICE = "all-reduce+slice"
 
 # ``all-reduce`` forces the all-reduce + slice exchange everywhere (to compare the two).
@@ -368,16 +372,32 @@ def choose_exchange(optimizer, strategy) -> tuple:
       of every replica's rows r (each replica sends (N-1)/N of its gradients, a
       reduce-scatter's bytes), and each replica's new rows are copied to the others (an
       all-gather);
-    * MultiWorkerMirroredStrategy, or where the step needs the whole summed gradient
-      (clipping by norm, the float16 all-reduce, a replica context without merge_call):
-      Keras' all-reduce, then each replica slices its rows, then an all-gather.
+    * MultiWorkerMirroredStrategy: TensorFlow's CPU collectives do have an all-to-all
+      (``CollectiveAllToAllV2``), so each replica sends replica r' the rows r' of its dense
+      gradients and sums the N blocks it receives in replica order (``all-to-all``): a
+      reduce-scatter's bytes, (N-1)/N of the gradients; sparse gradients go by Keras'
+      all-reduce of IndexedSlices as in the replicated step;
+    * where the step needs the whole summed gradient (clipping by norm, the float16
+      all-reduce), in a replica context without merge_call under MirroredStrategy, or
+      under ``RADAM_DIST_ZERO_EXCHANGE=all-reduce``: Keras' all-reduce, then each replica
+      slices its rows, then an all-gather (``all-reduce+slice``).
     """
     if os.environ.get(EXCHANGE_ENV, "").strip().lower() in ("all-reduce", "allreduce"):
         return ALL_REDUCE_SLICE, f"{EXCHANGE_ENV}=all-reduce"
     extended = strategy.extended
     if extended._in_multi_worker_mode():
-        return ALL_REDUCE_SLICE, ("multi-worker: TensorFlow has no CPU reduce-scatter "
-                                  "collective (CollectiveReduceScatterV2 is NCCL only)")
+        if getattr(optimizer, "all_reduce_dtype", None) is not None:
+            return ALL_REDUCE_SLICE, "all_reduce_dtype (compressed all-reduce) is set"
+        for name in ("clipnorm", "global_clipnorm"):
+            if (getattr(optimizer, name, None) or 0) > 0:
+                return ALL_REDUCE_SLICE, f"{name} needs the whole summed gradient"
+        if not getattr(optimizer, "_aggregate_gradients", True):
+            return ALL_REDUCE_SLICE, "gradients already summed: each replica slices its rows"
+        if _launcher(strategy, 0) is None:
+            return ALL_REDUCE_SLICE, (f"{type(extended._cross_device_ops).__name__} has no "
+                                      "collective launchers for an all-to-all")
+        return ALL_TO_ALL, ("multi-worker: CollectiveAllToAllV2 of the dense gradients' row "
+                            "blocks (CollectiveReduceScatterV2 is NCCL only)")
     if not isinstance(strategy, tf.distribute.MirroredStrategy):
         return ALL_REDUCE_SLICE, f"{type(strategy).__name__}"
     use_merge_call = getattr(extended, "_use_merge_call", lambda: True)
@@ -403,8 +423,8 @@ def _note_exchange(optimizer, layout, exchange: str, why: str) -> None:
 
 def exchange_path(optimizer) -> Optional[str]:
     """The exchange the last traced ZeRO step of ``optimizer`` (or of Lookahead's inner
-    optimizer) used: ``LOCAL_REDUCE_SCATTER``, ``ALL_REDUCE_SLICE``, or None (not sharded /
-    not stepped yet)."""
+    optimizer) used: ``LOCAL_REDUCE_SCATTER``, ``ALL_TO_ALL``, ``ALL_REDUCE_SLICE``, or None
+    (not sharded / not stepped yet)."""
     for opt in (getattr(optimizer, "inner_optimizer", None), optimizer):  # gradients first
         layout = getattr(opt, "_state_layout", None)
         if getattr(layout, "exchange", None):
@@ -433,7 +453,10 @@ def bytes_sent_per_replica(optimizer, exchange: Optional[str] = None,
       the new rows back, (N-1)/N P; a sparse gradient's entries to every other replica,
       (N-1) k (R + X), and the changes of the touched rows back, counted as
       (N-1) min(k, S) (R + X) (touched rows spread evenly over the shards; duplicates send
-      less).
+      less);
+    * ``all-to-all``: the dense variables as ``local-reduce-scatter`` (the all-to-all sends
+      each other replica its block of P/N, then the ring all-gather (N-1)/N P), the sparse
+      ones as ``all-reduce+slice``.
 
     The few bytes of sizes the sparse all-gathers exchange first are left out.
     """
@@ -457,7 +480,7 @@ def bytes_sent_per_replica(optimizer, exchange: Optional[str] = None,
             gather += (n - 1) * min(sparse_rows, shards.rows_per_replica) * (row + sparse[index])
         else:
             unsharded += 2 * (n - 1) * g // n
-            if exchange == LOCAL_REDUCE_SCATTER:
+            if exchange in (LOCAL_REDUCE_SCATTER, ALL_TO_ALL):
                 reduce += (n - 1) * p // n
             else:
                 reduce += 2 * (n - 1) * g // n
@@ -483,7 +506,7 @@ def apply_gradients(optimizer, state: ShardedState, grads: Sequence, variables: 
         ctx.merge_call(functools.partial(_local_step, optimizer, state, variables),
                        args=(list(grads),))
         return
-    _all_reduce_step(ctx, optimizer, state, grads, variables)
+    _all_reduce_step(ctx, optimizer, state, grads, variables, exchange)
 
 
 def _scalars_for(optimizer, var, scalars: dict):
@@ -504,8 +527,59 @@ def _sparse_rows(grad: tf.IndexedSlices, first, rows: int):
     return tf.gather(grad.values, positions), tf.gather(grad.indices, positions) - first
 
 
-def _all_reduce_step(ctx, optimizer, state, grads, variables) -> None:
-    """Keras' all-reduce, each replica's rows sliced out, updated, all-gathered.
+def _launcher(strategy, local_replica_id: int):
+    """The strategy's own collective launcher for a local replica (its group key, instance
+    keys and ordering token: our collectives are numbered and ordered with Keras' own, so
+    every worker issues them under the same keys in the same order), or None."""
+    launchers = getattr(getattr(strategy.extended, "_cross_device_ops", None), "_launchers", None)
+    if not launchers or local_replica_id >= len(launchers):
+        return None
+    return launchers[local_replica_id]
+
+
+def _all_to_all(ctx, strategy, blocks: tf.Tensor) -> tf.Tensor:
+    """``blocks[r']`` to replica r'; returns [N, ...], row i the block replica i sent here."""
+    local_id = tf.get_static_value(ctx._local_replica_id)
+    launcher = _launcher(strategy, int(local_id))
+    options = launcher._options
+    hint = "nccl" if options.implementation.value == "NCCL" else "auto"  # no RING all-to-all
+    instance_key = launcher._next_instance_key()
+    with tf.device(launcher._device):
+        return collective_ops.all_to_all_v2(
+            blocks, launcher._group_size, launcher._group_key, instance_key,
+            communication_hint=hint, timeout=options.timeout_seconds,
+            ordering_token=launcher._get_ordering_token())
+
+
+def _all_to_all_rows(ctx, optimizer, state, grads_and_vars) -> Dict[int, tf.Tensor]:
+    """{position: this replica's rows of the summed gradient} for the dense floating
+    gradients: per dtype one all-to-all of [N, every variable's padded rows r' flattened]
+    (``_VarShards.padded``), then the N received blocks added in replica order
+    (``radam_math.sum_in_replica_order``: for N = 2 the ring all-reduce's bits)."""
+    n = ctx.num_replicas_in_sync
+    buckets: Dict[str, list] = {}
+    for position, (grad, _) in enumerate(grads_and_vars):
+        if isinstance(grad, tf.Tensor) and grad.dtype.is_floating:
+            buckets.setdefault(grad.dtype.name, []).append(position)
+    out = {}
+    for positions in buckets.values():
+        shards = [state.for_variable(optimizer, grads_and_vars[p][1]) for p in positions]
+        blocks = [tf.reshape(sh.padded(grads_and_vars[p][0]), [n, -1])
+                  for p, sh in zip(positions, shards)]
+        sizes = [sh.rows_per_replica * sh.row_shape.num_elements() for sh in shards]
+        received = _all_to_all(ctx, state._strategy,
+                               tf.concat(blocks, axis=1) if len(blocks) > 1 else blocks[0])
+        total = radam_math.sum_in_replica_order([received[i] for i in range(n)])
+        columns = tf.split(total, sizes) if len(sizes) > 1 else [total]
+        for p, sh, column in zip(positions, shards, columns):
+            out[p] = tf.reshape(column, [sh.rows_per_replica] + sh.row_shape.as_list())
+    return out
+
+
+def _all_reduce_step(ctx, optimizer, state, grads, variables,
+                     exchange: str = ALL_REDUCE_SLICE) -> None:
+    """Keras' all-reduce (``all-to-all``: of the sparse gradients only; the dense ones by
+    ``_all_to_all_rows``), each replica's rows sliced out, updated, all-gathered.
 
     A dense gradient: the replica's shard updated in compiled chunks, its new rows
     all-gathered and assigned whole. A sparse gradient: only the touched rows of the
@@ -516,8 +590,21 @@ def _all_reduce_step(ctx, optimizer, state, grads, variables) -> None:
     where the dtypes allow (``_all_gather_rows``).
     """
     grads_and_vars = list(zip(grads, variables))
+    summed_rows: Dict[int, tf.Tensor] = {}  # position -> this replica's summed rows
     if getattr(optimizer, "_aggregate_gradients", True):
-        grads_and_vars = optimizer._all_reduce_sum_gradients(grads_and_vars)
+        if exchange == ALL_TO_ALL:
+            summed_rows = _all_to_all_rows(ctx, optimizer, state, grads_and_vars)
+            rest = [p for p, (g, _) in enumerate(grads_and_vars)
+                    if g is not None and p not in summed_rows]
+            if rest:  # IndexedSlices (and any non-floating dense gradient): Keras' all-reduce
+                reduced = optimizer._all_reduce_sum_gradients([grads_and_vars[p] for p in rest])
+                for p, pair in zip(rest, reduced):
+                    grads_and_vars[p] = pair
+            for p, rows in summed_rows.items():
+                grads_and_vars[p] = (rows, grads_and_vars[p][1])
+        else:
+            grads_and_vars = optimizer._all_reduce_sum_gradients(grads_and_vars)
+    # clipnorm / global_clipnorm take all-reduce+slice: clipping rows here is clipvalue's
     grads = optimizer._clip_aggregated([g for g, _ in grads_and_vars])
     from radam_dist import fused  # pylint: disable=import-outside-toplevel
 
@@ -545,7 +632,7 @@ def _all_reduce_step(ctx, optimizer, state, grads, variables) -> None:
             new_values.append(None)
             continue
         rows = tf.gather(shards.padded(tf.convert_to_tensor(var)), replica)
-        grad_rows = tf.gather(shards.padded(grad), replica)
+        grad_rows = grad if position in summed_rows else tf.gather(shards.padded(grad), replica)
         if use_fused and var.dtype.is_floating:
             dense.append((position, rows, grad_rows, m, v, vhat, s))
             new_values.append((shards, None))

@@ -45,6 +45,9 @@ def _serve_parser(sub) -> None:
     training.add_argument("--max-inflight-bytes", type=int, default=4 << 30,
                           help="tensor bytes all calls in flight may hold together "
                                "(RESOURCE_EXHAUSTED beyond)")
+    training.add_argument("--receive-buffer-bytes", type=int, default=1 << 30,
+                          help="gradient buffers kept to decode later pushes into once idle "
+                               "(saves the page faults of fresh memory); 0: none")
     net.add_argument("--chunk-bytes", type=int, default=1 << 20,
                      help="size of the tensor chunks the server sends (at most 7 MiB)")
     shard = p.add_argument_group("sharding")
@@ -133,6 +136,7 @@ def _check_serve_args(parser, args) -> None:
     for flag, value, low in (("--max-threads", args.max_threads, 1),
                              ("--max-request-bytes", args.max_request_bytes, 1),
                              ("--max-inflight-bytes", args.max_inflight_bytes, 1),
+                             ("--receive-buffer-bytes", args.receive_buffer_bytes, 0),
                              ("--keep-checkpoints", args.keep_checkpoints, 1),
                              ("--max-staleness", args.max_staleness, -1),
                              ("--checkpoint-interval", args.checkpoint_interval, 0)):
@@ -182,7 +186,7 @@ def serve(parser, args) -> int:
         max_inflight_bytes=args.max_inflight_bytes, discard_damaged_state=args.discard_damaged_state,
         checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
         checkpoint_interval=args.checkpoint_interval, keep_checkpoints=args.keep_checkpoints,
-        wal=args.wal, chunk_bytes=args.chunk_bytes)
+        wal=args.wal, chunk_bytes=args.chunk_bytes, receive_buffer_bytes=args.receive_buffer_bytes)
     if token is None:
         logging.getLogger(__name__).warning("no token configured: calls are not authenticated")
     from radam_dist.ps.durability import DirectoryLockedError, RecoveryError

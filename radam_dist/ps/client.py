@@ -24,8 +24,9 @@ import numpy as np
 from radam_dist.ps import placement as placement_mod
 from radam_dist.ps.optimizer_config import to_config
 from radam_dist.ps.proto import pb, pb_grpc
-from radam_dist.ps.tensors import (DEFAULT_CHUNK_BYTES, TensorAssembler, chunk_tensor,
-                                   parse_chunk_message, reuse_freed_memory, serialized_chunks)
+from radam_dist.ps.tensors import (DEFAULT_CHUNK_BYTES, BufferPool, TensorAssembler, WireError,
+                                   chunk_tensor, parse_chunk_message, reuse_freed_memory,
+                                   serialized_chunks)
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,16 @@ class PSClient:
             kernel (``tensors.reuse_freed_memory``: ``mallopt`` thresholds, keeps up to 1 GiB of
             freed heap for reuse). Halves the client's encode and decode time on large models.
             The server and the benchmarks turn it on.
+        receive_buffer_bytes: pulled values are decoded into buffers of earlier pulls that
+            nothing refers to any more (``tensors.BufferPool``: an array, view or tensor of it
+            that the caller still holds keeps a buffer out of reuse), up to this many bytes in
+            all; fresh memory costs a page fault (zeroing) per page on the first write. 0:
+            fresh arrays for every pull.
+
+    ``last_split``: after each push_pull / pull, ``{shard: {"encode", "wire_wait", "decode"}}``
+    in seconds spent in this process: serializing the gradients (push_pull only), waiting for
+    response messages, and parsing + copying them into the arrays (bench/ps_throughput.py
+    prints them).
     """
 
     def __init__(self, targets: Union[str, Sequence[str]], token: Optional[str] = None, *,
@@ -124,7 +135,8 @@ class PSClient:
                  client_key=None, server_name_override: Optional[str] = None,
                  split_threshold_bytes: int = 64 << 20, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  retry_timeout: float = 60.0, call_timeout: Optional[float] = None,
-                 job_id: str = "", validate: bool = True, tune_allocator: bool = False):
+                 job_id: str = "", validate: bool = True, tune_allocator: bool = False,
+                 receive_buffer_bytes: int = 1 << 30):
         if tune_allocator:
             reuse_freed_memory()
         self.targets = [targets] if isinstance(targets, str) else list(targets)
@@ -137,6 +149,8 @@ class PSClient:
         self.call_timeout = call_timeout
         self.job_id = job_id
         self.validate = validate
+        self._receive_pool = BufferPool(receive_buffer_bytes)
+        self.last_split: Dict[int, Dict[str, float]] = {}
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)] + KEEPALIVE_OPTIONS
@@ -198,16 +212,35 @@ class PSClient:
         futures = {s: self._pool.submit(fn, s) for s in shards}
         return {s: f.result() for s, f in futures.items()}
 
-    def _collect(self, responses) -> Tuple[object, Dict[str, np.ndarray]]:
+    def _collect(self, responses, split: Optional[Dict[str, float]] = None
+                 ) -> Tuple[object, Dict[str, np.ndarray]]:
+        """(header, values) of a stream of serialized PullResponses (see _stub); ``split``
+        gets the seconds spent waiting for messages ("wire_wait") and decoding them."""
         header = None
-        assembler = TensorAssembler(1 << 62, frozenset({pb.VALUE}))
-        for raw in responses:  # serialized PullResponses (see _stub)
+        assembler = TensorAssembler(1 << 62, frozenset({pb.VALUE}), pool=self._receive_pool)
+        clock = time.perf_counter
+        waited = decoded = 0.0
+        messages = iter(responses)
+        while True:
+            t0 = clock()
+            raw = next(messages, None)
+            t1 = clock()
+            waited += t1 - t0
+            if raw is None:
+                break
             message_header, chunk, data = parse_chunk_message(pb, pb.PullResponse, raw)
             if chunk is None:
                 header = message_header if message_header is not None else header
             else:
                 assembler.add(chunk, data)
-        return header, {name: array for (name, _), array in assembler.finish().items()}
+            decoded += clock() - t1
+        values = {name: array for (name, _), array in assembler.finish().items()}
+        if header is None:
+            raise WireError("the server's response stream ended without a PullHeader (damaged "
+                            "or cut short); nothing was received")
+        if split is not None:
+            split["wire_wait"], split["decode"] = waited, decoded
+        return header, values
 
     # -- registration ---------------------------------------------------------------------------
     def register(self, initial_values: Mapping[str, np.ndarray], optimizer_config) -> int:
@@ -282,7 +315,9 @@ class PSClient:
         def one(shard: int):
             request = pb.PullRequest(names=by_shard[shard],
                                      if_newer_than=-1 if if_newer_than is None else if_newer_than)
-            header, values = self._call(shard, lambda stub, kw: self._collect(stub.Pull(request, **kw)))
+            split = self.last_split[shard] = {}
+            header, values = self._call(shard, lambda stub, kw: self._collect(stub.Pull(request, **kw),
+                                                                              split))
             self.versions[shard] = header.version
             return values
 
@@ -343,7 +378,24 @@ class PSClient:
             raise ValueError(f"sparse gradient of {name!r}: indices out of range [0, {shape[0]})")
 
     def _push_requests(self, shard: int, grads: Dict[str, tuple], request_id: str,
-                       pull_names: Sequence[str] = (), stage_round: Optional[int] = None):
+                       pull_names: Sequence[str] = (), stage_round: Optional[int] = None,
+                       split: Optional[Dict[str, float]] = None):
+        """The PushRequests of one shard: the header, then each gradient's serialized chunks
+        (``split["encode"]``: seconds spent serializing them)."""
+        messages = self._push_messages(shard, grads, request_id, pull_names, stage_round)
+        if split is None:
+            yield from messages
+            return
+        split["encode"] = 0.0
+        while True:
+            t = time.perf_counter()
+            message = next(messages, None)
+            split["encode"] += time.perf_counter() - t
+            if message is None:
+                return
+            yield message
+
+    def _push_messages(self, shard, grads, request_id, pull_names, stage_round):
         yield pb.PushRequest(header=pb.PushHeader(
             worker_id=self.worker_id,
             base_version=self.versions[shard] if stage_round is None else stage_round,
@@ -414,8 +466,10 @@ class PSClient:
                 if not by_shard[shard]:  # nothing to pull from this shard: a plain push
                     response = stub.Push(self._push_requests(shard, routed[shard], rid), **kw)
                     return response.version, {}
-                header, values = self._collect(
-                    stub.PushPull(self._push_requests(shard, routed[shard], rid, by_shard[shard]), **kw))
+                split = self.last_split[shard] = {}
+                header, values = self._collect(stub.PushPull(
+                    self._push_requests(shard, routed[shard], rid, by_shard[shard], split=split), **kw),
+                    split)
                 return header.version, values
 
             try:

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import logging
 import math
+import sys
 import threading
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
@@ -287,10 +288,60 @@ def declared_nbytes(name: str, dtype: np.dtype, shape: Tuple[int, ...]) -> int:
 _FINITE_CHECKED = frozenset({"float16", "float32", "float64"})  # np.isfinite's own dtypes
 
 
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 array of ``nbytes`` whose data starts on an ALIGNMENT boundary
+    (its ``base`` is the allocation, ALIGNMENT bytes longer)."""
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + nbytes]
+
+
+class BufferPool:
+    """Receive buffers reused across requests, each only once nothing else refers to it.
+
+    Filling freshly allocated memory makes the kernel fault in (and zero) every page first:
+    for a 400 MB push that costs as much as copying the bytes (docs/BENCHMARKS.md). The pool
+    keeps the allocations it handed out (up to ``limit_bytes`` in all) and hands one out again
+    only when its reference count shows that no array, view, tensor (DLPack and TensorFlow's
+    numpy tensors hold a reference) or memoryview of it is alive any more -- so a buffer is
+    never shared by two requests in flight, nor rewritten under gradients a sync round still
+    holds, nor under arrays a client returned to its caller. ``limit_bytes=0``: no reuse.
+    Thread-safe.
+    """
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = int(limit_bytes)
+        self.held = 0
+        self.reused = 0  # how many take()s were served by an earlier buffer (tests, logs)
+        self._free: Dict[int, list] = {}  # nbytes -> allocations (the base arrays)
+        self._lock = threading.Lock()
+        probe = [np.empty(1, np.uint8)]
+        for raw in probe:  # the count of an allocation only this pool refers to
+            self._idle_refs = sys.getrefcount(raw)
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """An aligned uint8 array of ``nbytes``: an idle earlier one, or a new one."""
+        with self._lock:
+            for raw in self._free.get(nbytes, ()):
+                if sys.getrefcount(raw) == self._idle_refs:
+                    self.reused += 1
+                    return raw[self._start(raw):self._start(raw) + nbytes]
+            buffer = aligned_empty(nbytes)
+            if nbytes and self.held + nbytes <= self.limit_bytes:
+                self._free.setdefault(nbytes, []).append(buffer.base)
+                self.held += nbytes
+            return buffer
+
+    @staticmethod
+    def _start(raw: np.ndarray) -> int:
+        return -raw.ctypes.data % ALIGNMENT
+
+
 class _Partial:
     __slots__ = ("dtype", "shape", "buffer", "received", "checked", "finite")
 
-    def __init__(self, dtype: np.dtype, shape: Tuple[int, ...], nbytes: int, check_finite: bool):
+    def __init__(self, dtype: np.dtype, shape: Tuple[int, ...], nbytes: int, check_finite: bool,
+                 pool: Optional["BufferPool"] = None):
         self.dtype = dtype
         self.shape = shape
         # check_finite: bytes [0, checked) hold whole elements seen by np.isfinite, all finite
@@ -300,10 +351,10 @@ class _Partial:
         # np.empty: no zero fill (every byte is written before finish() accepts the tensor),
         # and numpy maps large arrays on huge pages, so filling it faults 512x less often.
         # Aligned to 64 bytes, so that the optimizer can use the finished array in place
-        # (store._as_tensor) instead of copying it into a tensor of its own.
-        raw = np.empty(nbytes + ALIGNMENT, np.uint8)
-        start = -raw.ctypes.data % ALIGNMENT
-        self.buffer = raw[start:start + nbytes]
+        # (store._as_tensor) instead of copying it into a tensor of its own. With a pool, a
+        # buffer of an earlier request that nobody holds any more is reused instead: fresh
+        # memory costs the kernel's page faults (zeroing) on the first write, as much as the copy.
+        self.buffer = pool.take(nbytes) if pool is not None else aligned_empty(nbytes)
         self.received = 0
 
 
@@ -317,12 +368,15 @@ class TensorAssembler:
     ``release()`` gives back. ``check_finite``: float tensors are checked for NaN / Inf chunk
     by chunk as they arrive, while the chunk is still in cache and while the next one is on
     the wire (``finite()`` reports the outcome), instead of in a pass of their own later.
+    ``pool``: take the buffers from a BufferPool (reused once idle) instead of fresh memory.
     """
 
     def __init__(self, max_bytes: int, allowed_roles: frozenset,
                  expect: Optional[Callable[[str, int, str, Tuple[int, ...]], None]] = None,
-                 budget: Optional[ByteBudget] = None, check_finite: bool = False):
+                 budget: Optional[ByteBudget] = None, check_finite: bool = False,
+                 pool: Optional[BufferPool] = None):
         self.max_bytes = max_bytes
+        self.pool = pool
         self.allowed_roles = allowed_roles
         self.expect = expect
         self.budget = budget
@@ -366,7 +420,7 @@ class TensorAssembler:
                 self.budget.acquire(nbytes, f"tensor {chunk.name!r}")
                 self.reserved += nbytes
             self.declared_bytes += nbytes
-            part = self._partial[key] = _Partial(dtype, shape, nbytes, self.check_finite)
+            part = self._partial[key] = _Partial(dtype, shape, nbytes, self.check_finite, self.pool)
         elif chunk.offset != part.received:
             raise WireError(
                 f"tensor {chunk.name!r}: chunk at byte {chunk.offset}, expected {part.received} "

@@ -144,9 +144,44 @@ def fused_and_plain(strategy, cases):
     return results
 
 
+def split_and_single_pack(strategy, kind="ranger"):
+    """MWMS: the state after the loop with every dense gradient all-reduced on its own
+    (``aggregation.split_all_reduce_sum`` with ``SPLIT_MIN_BYTES = 0``) and with Keras' single
+    pack (``RADAM_DIST_ALL_REDUCE_SPLIT=0``), and per traced step how many gradients went one
+    by one."""
+    from radam_dist.distribute import aggregation
+
+    data = make_data()
+    real, threshold = aggregation.split_all_reduce_sum, aggregation.SPLIT_MIN_BYTES
+    counted = []
+
+    def spy(grads_and_vars, all_reduce_sum):
+        counted.append(sum(aggregation._is_large(g) for g, _ in grads_and_vars))
+        return real(grads_and_vars, all_reduce_sum)
+
+    previous = os.environ.get(aggregation.SPLIT_SWITCH)
+    out = {}
+    aggregation.split_all_reduce_sum, aggregation.SPLIT_MIN_BYTES = spy, 0
+    try:
+        for label, switch in (("split", "1"), ("single", "0")):
+            os.environ[aggregation.SPLIT_SWITCH] = switch
+            del counted[:]
+            out[label] = loop(strategy, kind, data)
+            out[label + "_counted"] = list(counted)
+    finally:
+        aggregation.split_all_reduce_sum, aggregation.SPLIT_MIN_BYTES = real, threshold
+        if previous is None:
+            os.environ.pop(aggregation.SPLIT_SWITCH, None)
+        else:
+            os.environ[aggregation.SPLIT_SWITCH] = previous
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="loop-ranger")
+    parser.add_argument("--split-check", action="store_true",
+                        help="also compare the split all-reduce with Keras' single pack")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from radam_dist.distribute import enable_multi_worker_fit
@@ -157,7 +192,8 @@ def main():
     results = fused_and_plain(strategy, cases)
     task = os.environ.get("RADAM_DIST_TASK", "local").replace(":", "-")
     with open(f"{args.out}.{task}", "w") as f:
-        json.dump({"num_replicas": strategy.num_replicas_in_sync, "cases": results}, f)
+        json.dump({"num_replicas": strategy.num_replicas_in_sync, "cases": results,
+                   "split": split_and_single_pack(strategy) if args.split_check else None}, f)
     return 0
 
 
