@@ -24,9 +24,9 @@ import numpy as np
 from radam_dist.ps import placement as placement_mod
 from radam_dist.ps.optimizer_config import to_config
 from radam_dist.ps.proto import pb, pb_grpc
-from radam_dist.ps.tensors import (DEFAULT_CHUNK_BYTES, BufferPool, TensorAssembler, WireError,
-                                   chunk_tensor, parse_chunk_message, reuse_freed_memory,
-                                   serialized_chunks)
+from radam_dist.ps.tensors import (DEFAULT_CHUNK_BYTES, BufferPool, TensorAssembler, TimedStream,
+                                   WireError, chunk_tensor, parse_chunk_message,
+                                   reuse_freed_memory, serialized_chunks)
 
 log = logging.getLogger(__name__)
 
@@ -218,28 +218,22 @@ class PSClient:
         gets the seconds spent waiting for messages ("wire_wait") and decoding them."""
         header = None
         assembler = TensorAssembler(1 << 62, frozenset({pb.VALUE}), pool=self._receive_pool)
-        clock = time.perf_counter
-        waited = decoded = 0.0
-        messages = iter(responses)
-        while True:
-            t0 = clock()
-            raw = next(messages, None)
-            t1 = clock()
-            waited += t1 - t0
-            if raw is None:
-                break
+        messages = TimedStream(responses)
+        decoded = 0.0
+        for raw in messages:
+            start = time.perf_counter()
             message_header, chunk, data = parse_chunk_message(pb, pb.PullResponse, raw)
             if chunk is None:
                 header = message_header if message_header is not None else header
             else:
                 assembler.add(chunk, data)
-            decoded += clock() - t1
+            decoded += time.perf_counter() - start
         values = {name: array for (name, _), array in assembler.finish().items()}
         if header is None:
             raise WireError("the server's response stream ended without a PullHeader (damaged "
                             "or cut short); nothing was received")
         if split is not None:
-            split["wire_wait"], split["decode"] = waited, decoded
+            split["wire_wait"], split["decode"] = messages.waited, decoded
         return header, values
 
     # -- registration ---------------------------------------------------------------------------

@@ -39,7 +39,8 @@ from radam_dist.ps.metrics import PSMetrics
 from radam_dist.ps.proto import pb, pb_grpc
 from radam_dist.ps.store import Gradient, ParameterStore, VariableSpec, name_list
 from radam_dist.ps.tensors import (DEFAULT_CHUNK_BYTES, BufferPool, ByteBudget, TensorAssembler,
-                                   WireError, reuse_freed_memory, serialized_chunks, split_message)
+                                   TimedStream, WireError, reuse_freed_memory, serialized_chunks,
+                                   split_message)
 
 log = logging.getLogger(__name__)
 
@@ -375,18 +376,12 @@ class ShardService(pb_grpc.ParameterServerServicer):
                                     check_finite=True, pool=pool)
         wrap = pb.RegisterRequest if header_field == "RegisterHeader" else pb.PushRequest
         received = 0
-        waited = decoded = 0.0
-        clock = time.perf_counter
-        messages = iter(request_iterator)
+        decoded = 0.0
+        messages = TimedStream(request_iterator)
         try:
             first = True
-            while True:
-                t0 = clock()
-                message = next(messages, None)
-                t1 = clock()
-                waited += t1 - t0
-                if message is None:
-                    break
+            for message in messages:
+                start = time.perf_counter()
                 if isinstance(message, (bytes, bytearray, memoryview)):
                     kind, message_header, chunk, data = split_message(pb, wrap, message)
                 else:
@@ -402,9 +397,9 @@ class ShardService(pb_grpc.ParameterServerServicer):
                 if kind != "chunk":
                     raise PSError("INVALID_ARGUMENT", "only one header per stream")
                 received += assembler.add(chunk, data)
-                decoded += clock() - t1
+                decoded += time.perf_counter() - start
             if split is not None:
-                split["wire_in"], split["decode"] = waited, decoded
+                split["wire_in"], split["decode"] = messages.waited, decoded
             if header is None:
                 raise PSError("INVALID_ARGUMENT", f"empty stream: no {header_field}")
             tensors = assembler.finish()

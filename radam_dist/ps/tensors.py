@@ -15,6 +15,7 @@ import logging
 import math
 import sys
 import threading
+import time
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
@@ -246,6 +247,25 @@ def parse_chunk_message(pb, wrap, raw: bytes):
     if kind is None:
         return None, pb.TensorChunk(), memoryview(b"")
     return header, chunk, data
+
+
+class TimedStream:
+    """A gRPC message stream that adds up the seconds spent waiting for its messages
+    (``waited``): the wire's share of a call, for the split the benchmarks print."""
+
+    def __init__(self, messages):
+        self._messages = iter(messages)
+        self.waited = 0.0
+
+    def __iter__(self) -> "TimedStream":
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self._messages)
+        finally:
+            self.waited += time.perf_counter() - start
 
 
 class ByteBudget:
