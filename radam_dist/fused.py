@@ -291,8 +291,7 @@ def pull_back(
 def _compiled_rows_update():
     """A fresh XLA-compiled function over a shard's rows: like ``_compiled_dense_update``,
     but the variables are row tensors (the replica's chunk of each variable, a transient
-    value, see ``zero._Rows``); returns their new values."""
-    from radam_dist.distribute.zero import _Rows  # pylint: disable=import-outside-toplevel
+    value, see ``radam_math.Rows``); returns their new values."""
 
     @_xla_compiled
     def apply_rows_chunk(rows, ms, vs, vhats, grads, scalars):
@@ -301,7 +300,7 @@ def _compiled_rows_update():
             grad = grads[i]
             if i > 0 and (value.shape.num_elements() or 0) >= ORDER_MIN_ELEMENTS:
                 grad = _after(grad, out[-1])
-            work = _Rows(value)
+            work = radam_math.Rows(value)
             radam_math.apply_dense(work, grad, ms[i], vs[i], vhats[i] if vhats else None,
                                    scalars)
             out.append(work.value)

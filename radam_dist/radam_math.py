@@ -225,6 +225,32 @@ def direction(m_t, v_hat_t, var, s: StepScalars):
     return update
 
 
+class Rows:
+    """A transient stand-in for a variable, so that the updates below run on a tensor that is
+    not stored anywhere (a ZeRO shard's rows, a compiled chunk's slice): they read it, assign
+    it and scatter-add to it like a variable; ``value`` holds the current tensor."""
+
+    def __init__(self, value):
+        self.value = value
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    def assign(self, value):
+        self.value = value
+
+    def scatter_add(self, slices):
+        self.value = tf.tensor_scatter_nd_add(
+            self.value, tf.expand_dims(slices.indices, -1), slices.values
+        )
+
+
+tf.register_tensor_conversion_function(
+    Rows, lambda rows, dtype=None, name=None, as_ref=False: rows.value
+)
+
+
 def _read(variable, dtype):
     value = tf.convert_to_tensor(variable)
     return value if value.dtype == dtype else tf.cast(value, dtype)

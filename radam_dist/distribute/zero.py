@@ -13,7 +13,7 @@ A step:
    slice (``all-reduce+slice``); ``choose_exchange`` says why (TensorFlow has no CPU
    reduce-scatter collective);
 2. each replica runs radam_math's update on its chunk (the chunk of the variable is a
-   transient tensor in a ``_Rows`` cell, which radam_math reads and assigns like a variable;
+   transient tensor in a ``radam_math.Rows`` cell, which radam_math reads and assigns like a variable;
    dense gradients of the local exchange in compiled chunks, ``fused.apply_dense_rows``);
 3. the updated chunks are all-gathered into every replica's copy of the variable (for a
    sparse gradient only the changes of the touched rows, with their indices, which every
@@ -40,35 +40,11 @@ import keras
 import tensorflow as tf
 from tensorflow.python.ops import collective_ops
 
-from radam_dist import radam_math
+from radam_dist import fused, radam_math
 from radam_dist.distribute.state_layout import StateLayout
 
 _VARIABLE_VALUE = "VARIABLE_VALUE"  # the checkpoint key of a tf.Variable's value
 _log = logging.getLogger(__name__)
-
-class _Rows:
-    """A transient stand-in for a variable: radam_math reads it, assigns it and scatter-adds
-    to it; the value is a tensor (the replica's chunk of the variable), never stored."""
-
-    def __init__(self, value):
-        self.value = value
-
-    @property
-    def dtype(self):
-        return self.value.dtype
-
-    def assign(self, value):
-        self.value = value
-
-    def scatter_add(self, slices):
-        self.value = tf.tensor_scatter_nd_add(
-            self.value, tf.expand_dims(slices.indices, -1), slices.values
-        )
-
-
-tf.register_tensor_conversion_function(
-    _Rows, lambda rows, dtype=None, name=None, as_ref=False: rows.value
-)
 
 
 def _unwrap(variable):
@@ -606,7 +582,6 @@ def _all_reduce_step(ctx, optimizer, state, grads, variables,
             grads_and_vars = optimizer._all_reduce_sum_gradients(grads_and_vars)
     # clipnorm / global_clipnorm take all-reduce+slice: clipping rows here is clipvalue's
     grads = optimizer._clip_aggregated([g for g, _ in grads_and_vars])
-    from radam_dist import fused  # pylint: disable=import-outside-toplevel
 
     replica = ctx.replica_id_in_sync_group
     use_fused = fused.enabled() and hasattr(fused, "apply_dense_rows")
@@ -637,7 +612,7 @@ def _all_reduce_step(ctx, optimizer, state, grads, variables,
             dense.append((position, rows, grad_rows, m, v, vhat, s))
             new_values.append((shards, None))
             continue
-        work = _Rows(rows)
+        work = radam_math.Rows(rows)
         radam_math.apply_dense(work, grad_rows, m, v, vhat, s)
         new_values.append((shards, tf.convert_to_tensor(work)))
     if dense:  # the shard's dense update in compiled chunks, as the local exchange's
@@ -759,8 +734,8 @@ def _all_gather_bucketed(ctx, entries: list) -> list:
     return out
 
 
-class _SparseRows(_Rows):
-    """A replica's rows of a variable under a sparse update: read like ``_Rows``, but the
+class _SparseRows(radam_math.Rows):
+    """A replica's rows of a variable under a sparse update: read like ``radam_math.Rows``, but the
     scatter-adds are kept (``deltas``) rather than applied, so that every replica adds them
     to its own copy of the variable in place: only the touched rows travel and change."""
 
@@ -805,7 +780,6 @@ def _local_step(optimizer, state: ShardedState, variables: Sequence, distributio
     No bucketing into flat buffers: in one graph the rows move without collectives, and a
     flat buffer would only add two copies of every gradient.
     """
-    from radam_dist import fused  # pylint: disable=import-outside-toplevel
 
     devices = list(distribution.extended.worker_devices)
     n = len(devices)
@@ -863,7 +837,7 @@ def _local_step(optimizer, state: ShardedState, variables: Sequence, distributio
                 if use_fused and var.dtype.is_floating:
                     dense.append((i, rows, grad, slots["m"], slots["v"], slots.get("vhat"), s))
                 else:
-                    work = _Rows(rows)
+                    work = radam_math.Rows(rows)
                     radam_math.apply_dense(work, grad, slots["m"], slots["v"],
                                            slots.get("vhat"), s)
                     new_rows[i][r] = tf.convert_to_tensor(work)
@@ -925,7 +899,7 @@ def lookahead_sync(lookahead, state: ShardedState, variables: Sequence, sync) ->
     def pull_back_all():  # one branch for all variables
         out = []
         for shards, chunk in zip(all_shards, chunks):
-            rows = _Rows(chunk)
+            rows = radam_math.Rows(chunk)
             radam_math.lookahead_pull_back(rows, _this_replica(shards.slots["slow"]),
                                            lookahead.slow_step_size)
             out.append(rows.value)
@@ -971,7 +945,7 @@ def _local_sync(lookahead, state: ShardedState, variables: Sequence, distributio
         for r, device in enumerate(devices):
             with tf.device(device):
                 for i, var in enumerate(variables):
-                    work = _Rows(shards[i].padded(tf.convert_to_tensor(local(var)[r]))[r])
+                    work = radam_math.Rows(shards[i].padded(tf.convert_to_tensor(local(var)[r]))[r])
                     radam_math.lookahead_pull_back(work, local(shards[i].slots["slow"])[r],
                                                    lookahead.slow_step_size)
                     new_rows[i][r] = work.value
