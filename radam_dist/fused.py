@@ -27,12 +27,12 @@ Set ``RADAM_DIST_FUSED=0`` in the environment to take the per-variable path ever
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
 from radam_dist import radam_math
+from radam_dist._env import switched_on
 
 ENV_SWITCH = "RADAM_DIST_FUSED"
 
@@ -63,7 +63,7 @@ class DenseUpdate(NamedTuple):
 
 def enabled() -> bool:
     """False when the environment switched the fast path off (``RADAM_DIST_FUSED=0``)."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on(ENV_SWITCH)
 
 
 def applicable(distribution) -> bool:

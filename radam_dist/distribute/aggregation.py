@@ -15,13 +15,13 @@ and would save nothing.
 
 from __future__ import annotations
 
-import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 
 from radam_dist import radam_math
+from radam_dist._env import switched_on
 
 SUPPORTED_ALL_REDUCE_DTYPES = ("float32", "float16")
 
@@ -106,19 +106,26 @@ def sums_in_graph(optimizer) -> bool:
     """
     from tensorflow.python.distribute import mirrored_strategy  # pylint: disable=import-outside-toplevel
 
-    if os.environ.get(INGRAPH_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not switched_on(INGRAPH_SWITCH):
         return False
     if optimizer.all_reduce_dtype is not None or any(
             getattr(optimizer, name, None) for name in ("clipnorm", "global_clipnorm", "clipvalue")):
         return False
-    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
-        return False
-    extended = tf.distribute.get_strategy().extended
-    ctx = tf.distribute.get_replica_context()
+    extended = _replicated_strategy_extended()
     return (type(extended) is mirrored_strategy.MirroredExtended  # pylint: disable=unidiomatic-typecheck
             and not getattr(extended, "_is_multi_worker_training", False)
-            and extended._use_merge_call()  # pylint: disable=protected-access
-            and ctx is not None and ctx.num_replicas_in_sync > 1)
+            and extended._use_merge_call())  # pylint: disable=protected-access
+
+
+def _replicated_strategy_extended():
+    """The strategy's ``extended`` in a replica context with more than one replica, else
+    None: where a step's gradients still are each replica's own."""
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return None
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync < 2:
+        return None
+    return tf.distribute.get_strategy().extended
 
 
 # -- MultiWorkerMirroredStrategy: large gradients in collectives of their own ------------------
@@ -147,15 +154,9 @@ def splits_large_gradients(optimizer) -> bool:
     # pylint: disable-next=import-outside-toplevel
     from tensorflow.python.distribute import collective_all_reduce_strategy as cars
 
-    if os.environ.get(SPLIT_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not switched_on(SPLIT_SWITCH) or getattr(optimizer, "all_reduce_dtype", None) is not None:
         return False
-    if getattr(optimizer, "all_reduce_dtype", None) is not None:
-        return False
-    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
-        return False
-    ctx = tf.distribute.get_replica_context()
-    return (isinstance(tf.distribute.get_strategy().extended, cars.CollectiveAllReduceExtended)
-            and ctx is not None and ctx.num_replicas_in_sync > 1)
+    return isinstance(_replicated_strategy_extended(), cars.CollectiveAllReduceExtended)
 
 
 def _is_large(grad) -> bool:
@@ -168,25 +169,26 @@ def split_all_reduce_sum(grads_and_vars: Sequence[Tuple], all_reduce_sum) -> Lis
     large dense gradients each in a collective of its own (``bytes_per_pack=1``: every
     tensor its own pack, issued in order), the rest through ``all_reduce_sum`` (Keras')."""
     grads_and_vars = list(grads_and_vars)
-    large = [i for i, (g, _) in enumerate(grads_and_vars) if _is_large(g)]
-    if not large:
+    large = tuple(_is_large(g) for g, _ in grads_and_vars)
+    if not any(large):
         return all_reduce_sum(grads_and_vars)
-    chosen = set(large)
-    rest = [(g, v) for i, (g, v) in enumerate(grads_and_vars)
-            if i not in chosen and g is not None]
-    reduced_rest = iter(all_reduce_sum(rest) if rest else [])
+    result = sum_all_but(grads_and_vars, large, all_reduce_sum)  # the small ones first, as before
     options = tf.distribute.experimental.CommunicationOptions(bytes_per_pack=1)
     reduced_large = iter(tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, [grads_and_vars[i][0] for i in large], options=options))
-    result = []
-    for i, (g, v) in enumerate(grads_and_vars):
-        if g is None:
-            result.append((None, v))
-        elif i in chosen:
-            result.append((next(reduced_large), v))
-        else:
-            result.append((next(reduced_rest)[0], v))
-    return result
+        tf.distribute.ReduceOp.SUM, [g for (g, _), own in zip(grads_and_vars, large) if own],
+        options=options))
+    return [(next(reduced_large), v) if own else (g, v) for (g, v), own in zip(result, large)]
+
+
+def sum_all_but(grads_and_vars: Sequence[Tuple], kept: Sequence[bool],
+                all_reduce_sum) -> List[Tuple]:
+    """The pairs in their order, each gradient not ``kept`` (and not None) replaced by its
+    cross-replica sum from one ``all_reduce_sum`` call (Keras'); the kept ones untouched, for
+    a path of their own (a deferred sum, a collective of their own, ZeRO's all-to-all)."""
+    rest = [(g, v) for (g, v), keep in zip(grads_and_vars, kept) if not keep and g is not None]
+    reduced = iter(all_reduce_sum(rest) if rest else [])
+    return [(g, v) if keep or g is None else (next(reduced)[0], v)
+            for (g, v), keep in zip(grads_and_vars, kept)]
 
 
 def all_reduce_or_defer(optimizer, grads_and_vars: Sequence[Tuple], all_reduce_sum) -> Tuple[
@@ -202,11 +204,7 @@ def all_reduce_or_defer(optimizer, grads_and_vars: Sequence[Tuple], all_reduce_s
         return all_reduce_sum(grads_and_vars), ()
     deferred = tuple(g is not None and not isinstance(g, tf.IndexedSlices) and v.dtype.is_floating
                      for g, v in grads_and_vars)
-    rest = [(g, v) for (g, v), d in zip(grads_and_vars, deferred) if not d and g is not None]
-    reduced = iter(all_reduce_sum(rest) if rest else [])
-    result = [(g, v) if d or g is None else (next(reduced)[0], v)
-              for (g, v), d in zip(grads_and_vars, deferred)]
-    return result, deferred
+    return sum_all_but(grads_and_vars, deferred, all_reduce_sum), deferred
 
 
 def in_graph_sum(distribution, grad):

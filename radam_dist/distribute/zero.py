@@ -41,6 +41,7 @@ import tensorflow as tf
 from tensorflow.python.ops import collective_ops
 
 from radam_dist import fused, radam_math
+from radam_dist.distribute import aggregation
 from radam_dist.distribute.state_layout import StateLayout
 
 _VARIABLE_VALUE = "VARIABLE_VALUE"  # the checkpoint key of a tf.Variable's value
@@ -570,12 +571,10 @@ def _all_reduce_step(ctx, optimizer, state, grads, variables,
     if getattr(optimizer, "_aggregate_gradients", True):
         if exchange == ALL_TO_ALL:
             summed_rows = _all_to_all_rows(ctx, optimizer, state, grads_and_vars)
-            rest = [p for p, (g, _) in enumerate(grads_and_vars)
-                    if g is not None and p not in summed_rows]
-            if rest:  # IndexedSlices (and any non-floating dense gradient): Keras' all-reduce
-                reduced = optimizer._all_reduce_sum_gradients([grads_and_vars[p] for p in rest])
-                for p, pair in zip(rest, reduced):
-                    grads_and_vars[p] = pair
+            # IndexedSlices (and any non-floating dense gradient): Keras' all-reduce
+            grads_and_vars = aggregation.sum_all_but(
+                grads_and_vars, [p in summed_rows for p in range(len(grads_and_vars))],
+                optimizer._all_reduce_sum_gradients)
             for p, rows in summed_rows.items():
                 grads_and_vars[p] = (rows, grads_and_vars[p][1])
         else:
@@ -584,7 +583,7 @@ def _all_reduce_step(ctx, optimizer, state, grads, variables,
     grads = optimizer._clip_aggregated([g for g, _ in grads_and_vars])
 
     replica = ctx.replica_id_in_sync_group
-    use_fused = fused.enabled() and hasattr(fused, "apply_dense_rows")
+    use_fused = fused.enabled()
     dense = []  # (position, rows, grad rows, m, v, vhat, scalars) for fused.apply_dense_rows
     scalars = {}
     new_values = []
@@ -791,7 +790,7 @@ def _local_step(optimizer, state: ShardedState, variables: Sequence, distributio
     if any(g is not None and len(g) != n for g in grads):
         raise RuntimeError("ZeRO-1: a gradient has no value on every replica")
     clip_value = getattr(optimizer, "clipvalue", None) or 0
-    use_fused = fused.enabled() and hasattr(fused, "apply_dense_rows")
+    use_fused = fused.enabled()
     cache = optimizer.__dict__.setdefault("_fused_compiled", {})  # untracked by Keras
     present = [i for i, g in enumerate(grads) if g is not None]
     shards = [state.for_variable(optimizer, var) for var in variables]
