@@ -38,6 +38,9 @@ ADAM = "Keras 3 Adam"
 RADAM = "RectifiedAdam"
 LOOKAHEAD = "Lookahead(RectifiedAdam)"
 PER_VARIABLE = " (per-variable, RADAM_DIST_FUSED=0)"
+XLA_CHUNKS = " (XLA chunks, RADAM_DIST_NATIVE=0)"
+SWITCHES = ("RADAM_DIST_FUSED", "RADAM_DIST_NATIVE")
+FAST = {"RADAM_DIST_FUSED": "1", "RADAM_DIST_NATIVE": "1"}
 FLOOR = "floor: the gradients' all-reduce alone"
 # MWMS: radam_dist all-reduces large gradients one by one (aggregation.split_all_reduce_sum)
 SPLIT_FLOOR = "floor: radam_dist's all-reduce alone (large gradients one by one)"
@@ -68,8 +71,23 @@ def _optimizers() -> Dict[str, Callable]:
     }
 
 
-def _set_fused(on: bool) -> None:
-    os.environ["RADAM_DIST_FUSED"] = "1" if on else "0"
+def _set_switches(switches: Dict[str, str]) -> None:
+    """The fast-path switches a candidate traces and runs under (read when it traces)."""
+    os.environ.update(switches)
+
+
+def _clear_switches() -> None:
+    for name in SWITCHES:
+        os.environ.pop(name, None)
+
+
+def _variants(name: str, per_variable: bool):
+    """(label, switches) of an optimizer's rows: the default path; its XLA chunks without the
+    one-pass kernel (RectifiedAdam in step mode); the per-variable path (--per-variable)."""
+    variants = [(name, FAST)]
+    if per_variable and name != ADAM:
+        variants.append((name + PER_VARIABLE, {**FAST, "RADAM_DIST_FUSED": "0"}))
+    return variants
 
 
 def step_mode(args) -> dict:
@@ -97,15 +115,15 @@ def step_mode(args) -> dict:
         sync = lambda: variables[-1].numpy()  # noqa: E731
         makers = _optimizers()
         steps: Dict[str, Callable] = {}
-        switch: Dict[str, bool] = {}
+        switch: Dict[str, Dict[str, str]] = {}
         for name, make in makers.items():
             with strategy.scope():
                 optimizer = make()
                 optimizer.build(variables)
-            variants = [(name, True)]
-            if args.per_variable and name != ADAM:
-                variants.append((name + PER_VARIABLE, False))
-            for label, fused_on in variants:
+            variants = _variants(name, args.per_variable)
+            if name == RADAM:
+                variants.append((name + XLA_CHUNKS, {**FAST, "RADAM_DIST_NATIVE": "0"}))
+            for label, switches in variants:
                 def replica_step(g, optimizer=optimizer):
                     optimizer.apply_gradients(zip(g, variables))
 
@@ -116,10 +134,10 @@ def step_mode(args) -> dict:
                 # Each candidate has its own function: the retracing warning would be noise.
                 step._omit_frequent_tracing_warning = True  # pylint: disable=protected-access
 
-                _set_fused(fused_on)  # read when the function traces
+                _set_switches(switches)  # read when the function traces
                 time_runs(step, sync, steps=0, runs=0, warmup=2)
                 steps[label] = step
-                switch[label] = fused_on
+                switch[label] = switches
         def all_reduce_only(g):
             tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, g)
 
@@ -128,7 +146,7 @@ def step_mode(args) -> dict:
             strategy.run(all_reduce_only, args=(grads,))
 
         time_runs(floor, sync, steps=0, runs=0, warmup=2)
-        steps[FLOOR], switch[FLOOR] = floor, True
+        steps[FLOOR], switch[FLOOR] = floor, FAST
         split_floor = None
         if args.strategy == "mwms":
             from radam_dist.distribute import aggregation
@@ -146,15 +164,15 @@ def step_mode(args) -> dict:
                 strategy.run(split_only, args=(grads,))
 
             time_runs(split_floor, sync, steps=0, runs=0, warmup=2)
-            steps[SPLIT_FLOOR], switch[SPLIT_FLOOR] = split_floor, True
+            steps[SPLIT_FLOOR], switch[SPLIT_FLOOR] = split_floor, FAST
         times: Dict[str, List[float]] = {name: [] for name in steps}
         bandwidths: List[float] = []
         for turn in range(args.runs):
             for name in rotated(list(steps), turn):
-                _set_fused(switch[name])
+                _set_switches(switch[name])
                 times[name] += time_runs(steps[name], sync, args.steps, runs=1, warmup=0)
             bandwidths.append(triad.bandwidth(repeats=3))
-        os.environ.pop("RADAM_DIST_FUSED", None)
+        _clear_switches()
         out["sets"][shape_set] = {
             "variables": len(shapes), "parameters": parameter_count(shapes),
             "per_run_s": times, "triad_b_s": bandwidths}
@@ -207,26 +225,23 @@ def fit_mode(args) -> dict:
 
     models, switch = {}, {}
     for name, make in _optimizers().items():
-        variants = [(name, True)]
-        if args.per_variable and name != ADAM:
-            variants.append((name + PER_VARIABLE, False))
-        for label, fused_on in variants:
+        for label, switches in _variants(name, args.per_variable):
             with strategy.scope():
                 model = build_model()
                 model.compile(optimizer=make(), loss="mse")
-            _set_fused(fused_on)
+            _set_switches(switches)
             model.fit(dataset, epochs=1, steps_per_epoch=2, verbose=0)  # trace, warm up
-            models[label], switch[label] = model, fused_on
+            models[label], switch[label] = model, switches
     params = models[ADAM].count_params()
     times: Dict[str, List[float]] = {name: [] for name in models}
     for turn in range(args.runs):
         for name in rotated(list(models), turn):
-            _set_fused(switch[name])
+            _set_switches(switch[name])
             timer = BatchTimer()
             models[name].fit(dataset, epochs=1, steps_per_epoch=args.fit_steps, verbose=0,
                              callbacks=[timer])
             times[name] += timer.times[1:]  # the first gap includes the iterator's start
-    os.environ.pop("RADAM_DIST_FUSED", None)
+    _clear_switches()
     return {"strategy": args.strategy, "replicas": strategy.num_replicas_in_sync,
             "parameters": int(params), "vocab": args.vocab, "embed_dim": args.embed_dim,
             "hidden": args.hidden, "global_batch": args.fit_batch, "steps_s": times}

@@ -173,6 +173,10 @@ def _candidates():
             make=lambda: radam_dist.RectifiedAdam(learning_rate=1e-3), fused=False,
             modes=("eager", "function")),
         "RectifiedAdam": dict(make=lambda: radam_dist.RectifiedAdam(learning_rate=1e-3)),
+        # The fused path without the one-pass CPU kernel (radam_dist/native): its XLA chunks.
+        "RectifiedAdam (XLA chunks, RADAM_DIST_NATIVE=0)": dict(
+            make=lambda: radam_dist.RectifiedAdam(learning_rate=1e-3), native=False,
+            modes=("eager", "function")),
         "Lookahead(RectifiedAdam)": dict(
             make=lambda: radam_dist.Lookahead(radam_dist.RectifiedAdam(learning_rate=1e-3))),
         "Keras 3 Adam": dict(make=lambda: keras.optimizers.Adam(learning_rate=1e-3)),
@@ -209,7 +213,9 @@ def time_in_process(shape_set: str, steps: int, runs: int, only: Optional[List[s
             if mode not in spec.get("modes", MODES):
                 continue
             # Read at every eager step, and when a tf.function traces (its first call).
-            switch[name] = os.environ["RADAM_DIST_FUSED"] = "1" if spec.get("fused", True) else "0"
+            switch[name] = {"RADAM_DIST_FUSED": "1" if spec.get("fused", True) else "0",
+                            "RADAM_DIST_NATIVE": "1" if spec.get("native", True) else "0"}
+            os.environ.update(switch[name])
             optimizer = spec["make"]()
             if spec.get("legacy"):
                 optimizer._create_all_weights(variables)
@@ -228,10 +234,11 @@ def time_in_process(shape_set: str, steps: int, runs: int, only: Optional[List[s
         times: Dict[str, List[float]] = {name: [] for name in steps_by_name}
         for turn in range(runs):
             for name in rotated(list(steps_by_name), turn):
-                os.environ["RADAM_DIST_FUSED"] = switch[name]
+                os.environ.update(switch[name])
                 times[name] += time_runs(steps_by_name[name], sync, steps, runs=1, warmup=0)
             bandwidths.append(triad.bandwidth(repeats=3))
-        os.environ.pop("RADAM_DIST_FUSED", None)
+        for variable in ("RADAM_DIST_FUSED", "RADAM_DIST_NATIVE"):
+            os.environ.pop(variable, None)
         for name, per_step in times.items():
             results[name][mode] = dict(summary(per_step), per_run_s=per_step)  # in turn order
             logger.info("%s %s %s: %.2f ms (min %.2f)", shape_set, name, mode,

@@ -13,6 +13,8 @@ In mirrored and mwms every optimizer updates the same mirrored variables with th
 gradients: ``apply_gradients`` (the cross-replica sum included) inside ``strategy.run`` in
 one tf.function. The per-variable rows (``RADAM_DIST_FUSED=0``, the path radam_dist took under
 a strategy before issue 13) show what the fused path changes; ``--no-per-variable`` drops them.
+The ``(XLA chunks, RADAM_DIST_NATIVE=0)`` row is RectifiedAdam's fused path without the
+one-pass CPU kernel (``radam_dist/native``): the three XLA loops per tensor it replaces.
 
 The bound (large-tensor set): a step moves 28 bytes per float32 parameter (read var, grad, m,
 v; write var, m, v) on each replica's copy, so 2 x parameters x 28 bytes, divided by the

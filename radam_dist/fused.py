@@ -21,6 +21,11 @@ Under a single-process MirroredStrategy the chunks get every replica's gradient 
 add them in replica order themselves (``aggregation.all_reduce_or_defer``, ``_summed``).
 ParameterServerStrategy keeps the per-variable path: its variables live on the servers.
 
+On CPU devices ``apply_dense`` hands float32 / float64 updates to the one-pass kernel
+(``radam_dist/native``: one loop, 28 bytes per parameter, the same bits) where it is built;
+the rest (16-bit variables, GPUs, a caller's jit_compile, ``RADAM_DIST_NATIVE=0``) take the
+chunks.
+
 Set ``RADAM_DIST_FUSED=0`` in the environment to take the per-variable path everywhere.
 """
 
@@ -31,7 +36,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from radam_dist import radam_math
+from radam_dist import native, radam_math
 from radam_dist._env import switched_on
 
 ENV_SWITCH = "RADAM_DIST_FUSED"
@@ -240,7 +245,10 @@ def _placed(device: Optional[str]):
 def _apply_dense(updates: Sequence[DenseUpdate], cache: dict, device: Optional[str]) -> None:
     groups: Dict[Tuple[int, bool, bool], List[DenseUpdate]] = {}
     for update in updates:
-        groups.setdefault(_group_key(update), []).append(update)
+        if native.serves(update, device):  # one pass over memory (radam_dist/native)
+            native.apply_dense(update)
+        else:
+            groups.setdefault(_group_key(update), []).append(update)
     for group in groups.values():
         scalars = group[0].scalars
 
@@ -277,9 +285,15 @@ def pull_back(
     """
     cache = {} if cache is None else cache
     with _placed(device):
+        rest = []
+        for var, slow in pairs:
+            if native.serves_pull_back(var, slow, device):  # one pass (radam_dist/native)
+                native.pull_back(var, slow, slow_step_size)
+            else:
+                rest.append((var, slow))
         alpha = tf.constant(slow_step_size, tf.float32)
         _in_chunks(
-            pairs, cache,
+            rest, cache,
             key=lambda chunk: ("lookahead", device) + _shapes(var for var, _ in chunk),
             compile_fn=_compiled_pull_back,
             call=lambda compiled, chunk: compiled(

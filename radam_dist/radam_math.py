@@ -1,7 +1,10 @@
 """The one home of the RAdam math: warmup, rectification, and the per-variable update.
 
 Everything that applies RAdam (the Keras optimizer, the replica-sharded path, the gRPC
-parameter server) calls these functions, so the numbers cannot drift apart.
+parameter server) calls these functions, so the numbers cannot drift apart. The one copy is
+``radam_dist/native/radam_kernel.cc``: ``apply_dense`` and ``lookahead_pull_back`` written out
+in C++, one loop each, for CPU devices; ``tests/test_native_kernel.py`` holds it to this module
+bit for bit.
 
 The split follows optax's composition of small transforms: the per-step scalars
 (``step_scalars``) depend only on the step count and the hyperparameters and are computed

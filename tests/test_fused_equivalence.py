@@ -1,6 +1,8 @@
 """The fused (XLA, grouped) step gives the same bits as the plain per-variable step.
 
-``radam_dist/fused.py`` compiles ``radam_math.apply_dense`` for many variables at once. The
+``radam_dist/fused.py`` compiles ``radam_math.apply_dense`` for many variables at once, or
+hands float32 / float64 variables on CPU to the one-pass kernel (``radam_dist/native``); both
+backends are checked (``RADAM_DIST_NATIVE=0`` keeps to the XLA chunks). The
 plain path (``RADAM_DIST_FUSED=0``: one TF op at a time, variable by variable, as tfa ran)
 is the reference: every variable and every slot must match it bit for bit, step after step,
 eagerly and in ``tf.function``; inside a caller's ``tf.function(jit_compile=True)``, where XLA
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from radam_dist import Lookahead, RectifiedAdam, fused, radam_math
+from radam_dist import Lookahead, RectifiedAdam, fused, native, radam_math
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -97,9 +99,30 @@ def _decay_all_but_bias():
     return optimizer
 
 
-@pytest.mark.parametrize("mode", ["eager", "function", "jit_compile"])
+@pytest.fixture
+def native_calls(monkeypatch):
+    """The updates the one-pass kernel applied (a spy; the real kernel runs)."""
+    counted = []
+    real = native.apply_dense
+
+    def spy(update):
+        counted.append(update)
+        return real(update)
+
+    monkeypatch.setattr(native, "apply_dense", spy)
+    return counted
+
+
+# A caller's jit_compile keeps to XLA (it cannot compile a custom op).
+MODES = [("eager", "native"), ("eager", "xla"), ("function", "native"), ("function", "xla"),
+         ("jit_compile", "native")]
+KERNEL_DTYPES = (tf.float32, tf.float64)
+
+
+@pytest.mark.parametrize("mode, backend", MODES, ids=["-".join(m) for m in MODES])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_fused_step_matches_plain_step_bit_for_bit(case, mode, monkeypatch, fused_calls):
+def test_fused_step_matches_plain_step_bit_for_bit(case, mode, backend, monkeypatch,
+                                                   fused_calls, native_calls):
     spec = dict(CASES[case])
     make = spec.pop("make")
     if case == "sparse_mixed" and mode == "jit_compile":
@@ -110,10 +133,14 @@ def test_fused_step_matches_plain_step_bit_for_bit(case, mode, monkeypatch, fuse
     assert fused_calls == [], "RADAM_DIST_FUSED=0 must keep every variable on the plain path"
 
     monkeypatch.setenv(fused.ENV_SWITCH, "1")
+    monkeypatch.setenv(native.ENV_SWITCH, "1" if backend == "native" else "0")
     monkeypatch.setattr(fused, "ORDER_MIN_ELEMENTS", 1)  # order every update (``_after``)
     fast = _run(make, mode, **spec)
     dense_count = len(SHAPES) - (1 if "sparse_index" in spec else 0)
     assert fused_calls and set(fused_calls) == {dense_count}, fused_calls
+    kernel_serves = (backend == "native" and mode != "jit_compile"
+                     and spec.get("dtype", tf.float32) in KERNEL_DTYPES)
+    assert bool(native_calls) == kernel_serves, (backend, mode, len(native_calls))
 
     assert len(plain) == len(fast)
     for i, (a, b) in enumerate(zip(plain, fast)):
@@ -268,6 +295,7 @@ def test_large_variables_wait_for_the_previous_update_in_their_chunk(monkeypatch
         return real(tensor, previous)
 
     monkeypatch.setattr(fused, "_after", spy)
+    monkeypatch.setenv(native.ENV_SWITCH, "0")  # the order is the XLA chunks' concern
     large = (fused.ORDER_MIN_ELEMENTS // 4, 4)
     shapes = [(7,), large, (64,), large, large]  # chunks sort by shape: 7, 64, then large
     variables = [tf.Variable(tf.ones(shape)) for shape in shapes]

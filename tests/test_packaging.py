@@ -84,6 +84,7 @@ def test_wheel_carries_stubs_proto_license_and_no_tensorflow_requirement(dists):
         proto = zf.read("radam_dist/ps/_generated/ps.proto")
     for name in GENERATED:
         assert f"radam_dist/ps/_generated/{name}" in names
+    assert "radam_dist/native/radam_kernel.cc" in names  # compiled on the user's machine
     assert proto == (REPO / "protos/radam_dist/ps/v1/ps.proto").read_bytes()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not any(n.startswith(("tests/", "protos/")) for n in names)
@@ -98,7 +99,8 @@ def test_wheel_carries_stubs_proto_license_and_no_tensorflow_requirement(dists):
     assert "radam-ps = radam_dist.ps.cli:main" in entry_points
     with tarfile.open(sdist) as tf:
         members = {m.split("/", 1)[1] for m in tf.getnames() if "/" in m}
-    assert {"protos/radam_dist/ps/v1/ps.proto", "build_hooks.py", "LICENSE", "pyproject.toml"} <= members
+    assert {"protos/radam_dist/ps/v1/ps.proto", "build_hooks.py", "LICENSE", "pyproject.toml",
+            "radam_dist/native/radam_kernel.cc"} <= members
     assert not any("_generated" in m for m in members)  # the build generates them, always fresh
 
 
@@ -141,6 +143,8 @@ USER_SCRIPT = textwrap.dedent("""
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile(optimizer=radam_dist.RectifiedAdam(0.05), loss="mse")
     history = model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    from radam_dist import native  # compiled from the installed source into an empty cache
+    assert native.library() is not None, native.unavailable_reason()
     model.save(sys.argv[4])
     print(json.dumps({"pulled": pulled.tolist(), "loss": history.history["loss"][0]}))
 """)
@@ -162,6 +166,8 @@ LOAD_SCRIPT = textwrap.dedent("""
 def test_installed_wheel_serves_trains_and_writes_nothing(installed, tmp_path):
     target, before = installed
     env = _user_env(target)
+    kernel_cache = tmp_path / "kernel-cache"  # empty: the installed source is compiled
+    env["RADAM_DIST_NATIVE_CACHE"] = str(kernel_cache)
     python = [sys.executable, "-S"]
     work = tmp_path / "user"  # outside the checkout
     work.mkdir()
@@ -194,6 +200,7 @@ def test_installed_wheel_serves_trains_and_writes_nothing(installed, tmp_path):
         server.wait(60)
         log.close()
     assert _listing(target) == before  # nothing written into the installed package
+    assert len(list(kernel_cache.glob("*/radam_kernel.so"))) == 1  # but into the cache
 
 
 CLI_COMMANDS = [

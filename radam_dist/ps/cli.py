@@ -190,7 +190,9 @@ def serve(parser, args) -> int:
     if token is None:
         logging.getLogger(__name__).warning("no token configured: calls are not authenticated")
     from radam_dist.ps.durability import DirectoryLockedError, RecoveryError
+    from radam_dist import native
 
+    native.library()  # compiled now (once per machine, about 10 s), not in the first push
     try:
         process = ParameterServerProcess(options, host=args.host, port=args.port, token=token,
                                          tls=args.tls, insecure=args.insecure,

@@ -110,37 +110,48 @@ def fit(strategy, kind, data):
 
 
 def fused_and_plain(strategy, cases):
-    """For each (mode, kind): the state after the per-variable run, after the fused run, and
-    the devices the fused run's compiled updates (``fused.apply_dense``) were placed on."""
+    """For each (mode, kind): the state after the per-variable run, after the fused run (the
+    one-pass kernel where it serves, ``radam_dist.native``) and after the fused run on XLA
+    chunks alone (``RADAM_DIST_NATIVE=0``); the devices the fused run's updates
+    (``fused.apply_dense``) were placed on; and how many updates the kernel applied in each."""
+    from radam_dist import native
+
     data = make_data()
-    real = fused.apply_dense
-    placed = []
+    real, real_native = fused.apply_dense, native.apply_dense
+    placed, natively = [], []
 
     def spy(updates, **kwargs):
         placed.append(kwargs.get("device"))
         return real(updates, **kwargs)
 
-    previous = os.environ.get(fused.ENV_SWITCH)
+    def native_spy(update):
+        natively.append(update)
+        return real_native(update)
+
+    switches = (fused.ENV_SWITCH, native.ENV_SWITCH)
+    previous = {name: os.environ.get(name) for name in switches}
     results = {}
-    fused.apply_dense = spy
+    fused.apply_dense, native.apply_dense = spy, native_spy
     try:
         for mode, kind in cases:
             run = loop if mode == "loop" else fit
-            os.environ[fused.ENV_SWITCH] = "0"
-            del placed[:]
-            plain = run(strategy, kind, data)
-            plain_calls = len(placed)
-            os.environ[fused.ENV_SWITCH] = "1"
-            del placed[:]
-            fast = run(strategy, kind, data)
-            results[f"{mode}-{kind}"] = dict(plain=plain, fused=fast, plain_calls=plain_calls,
-                                             devices=sorted({str(d) for d in placed}))
+            case = {}
+            for label, fused_on, native_on in (("plain", "0", "1"), ("fused", "1", "1"),
+                                               ("xla", "1", "0")):
+                os.environ[fused.ENV_SWITCH], os.environ[native.ENV_SWITCH] = fused_on, native_on
+                del placed[:], natively[:]
+                case[label] = run(strategy, kind, data)
+                case[label + "_calls"], case[label + "_native"] = len(placed), len(natively)
+                if label == "fused":
+                    case["devices"] = sorted({str(d) for d in placed})
+            results[f"{mode}-{kind}"] = case
     finally:
-        fused.apply_dense = real
-        if previous is None:
-            os.environ.pop(fused.ENV_SWITCH, None)
-        else:
-            os.environ[fused.ENV_SWITCH] = previous
+        fused.apply_dense, native.apply_dense = real, real_native
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return results
 
 
