@@ -183,6 +183,22 @@ absl::Status PrepareToUpdate(OpKernelContext* ctx, Var* var) {
   return absl::OkStatus();
 }
 
+// Elements [0, n) in blocks of 32,768 across the device's intra-op threads (inline where the
+// device has none): work(begin, end) for each shard.
+template <typename Work>
+void InBlocks(OpKernelContext* ctx, int64_t n, int64_t cycles_per_element, const Work& work) {
+  constexpr int64_t kBlock = 1 << 15;
+  const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  if (workers == nullptr || workers->workers == nullptr) {
+    work(0, n);
+    return;
+  }
+  tensorflow::Shard(workers->num_threads, workers->workers, (n + kBlock - 1) / kBlock,
+                    kBlock * cycles_per_element, [&](int64_t first, int64_t last) {
+                      work(first * kBlock, std::min(n, last * kBlock));
+                    });
+}
+
 // The resource variables of inputs [0, names.size()), looked up, distinct, locked
 // exclusively in address order (as TF's training ops lock theirs), and checked: initialized,
 // of dtype T, of `shape`. `against` names what the dtype and shape are compared with.
@@ -285,13 +301,8 @@ class ApplyDenseOp : public OpKernel {
     arrays.vhat = num_vhat_ ? vars.data(3) : nullptr;
 
     const RangeFn<T> update = Choose<T>(num_vhat_ > 0, s.rectified, has_weight_decay_);
-    const int64_t n = shape.num_elements();
-    constexpr int64_t kBlock = 1 << 15;  // elements per shard unit
-    const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(workers->num_threads, workers->workers, (n + kBlock - 1) / kBlock,
-                      /*cost_per_unit=*/kBlock * 20, [&](int64_t first, int64_t last) {
-                        update(arrays, s, first * kBlock, std::min(n, last * kBlock));
-                      });
+    InBlocks(ctx, shape.num_elements(), /*cycles_per_element=*/20,
+             [&](int64_t begin, int64_t end) { update(arrays, s, begin, end); });
   }
 
  private:
@@ -333,15 +344,10 @@ class PullBackOp : public OpKernel {
     OP_REQUIRES_OK(ctx, vars.PrepareToUpdate(ctx));
     T* var = vars.data(0);
     T* slow = vars.data(1);
-    const int64_t n = shape.num_elements();
-    constexpr int64_t kBlock = 1 << 15;
-    const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(workers->num_threads, workers->workers, (n + kBlock - 1) / kBlock,
-                      /*cost_per_unit=*/kBlock * 4, [&](int64_t first, int64_t last) {
-                        const int64_t begin = first * kBlock;
-                        PullBackElements(std::min(n, last * kBlock) - begin, var + begin,
-                                         slow + begin, alpha);
-                      });
+    InBlocks(ctx, shape.num_elements(), /*cycles_per_element=*/4,
+             [&](int64_t begin, int64_t end) {
+               PullBackElements(end - begin, var + begin, slow + begin, alpha);
+             });
   }
 };
 
