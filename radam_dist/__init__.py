@@ -31,7 +31,8 @@ _EXPORTS = {
     "Lookahead": "radam_dist.optimizers",
     "RectifiedAdam": "radam_dist.optimizers",
 }
-_SUBPACKAGES = ("callbacks", "distribute", "horovod", "optimizers", "ps", "radam_math", "fused")
+_SUBPACKAGES = ("callbacks", "distribute", "horovod", "optimizers", "ps", "radam_math", "fused",
+                "native")
 
 _requirements.require_installed()  # a missing TensorFlow / Keras: one clear error, now
 

@@ -204,6 +204,9 @@ def test_the_kernel_serves_only_what_it_can():
     """float32 / float64 throughout, CPU devices, outside XLA; everything else keeps the XLA
     chunks (16-bit variables, mixed dtypes, GPU placements, a caller's jit_compile)."""
     _need_kernel()
+    import radam_dist
+
+    assert radam_dist.native is native  # reachable from a plain import, as README shows
     s32 = radam_math.step_scalars(1, 0.01, 0.0, radam_math.RAdamHyperparams())
 
     def update(dtype, grad_dtype=None):
