@@ -361,7 +361,13 @@ def lookahead_pull_back(var, slow, slow_step_size, one=None) -> None:
     alpha past it, so for bit-exact results under XLA pass alpha as a runtime tensor too.
     """
     slow_value = tf.convert_to_tensor(slow)
-    alpha = tf.cast(tf.convert_to_tensor(slow_step_size, tf.float32), slow_value.dtype)
+    alpha = slow_step_size_as(slow_step_size, slow_value.dtype)
     step_back = slow_value + _rounded(alpha * (tf.convert_to_tensor(var) - slow_value), one)
     slow.assign(step_back)
     var.assign(step_back)
+
+
+def slow_step_size_as(slow_step_size, dtype: tf.DType) -> tf.Tensor:
+    """Lookahead's alpha as the pull-back uses it: held as float32 (as tf.keras held
+    hyperparameters), then cast to the variable's dtype."""
+    return tf.cast(tf.convert_to_tensor(slow_step_size, tf.float32), dtype)

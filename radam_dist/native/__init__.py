@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from radam_dist._env import switched_on
+from radam_dist._files import fsync_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -207,19 +208,11 @@ def _compile(tf, compiler: str, library_path: Path) -> None:
         record = library_path.with_suffix(".sha256")
         record.unlink(missing_ok=True)  # a crash from here on leaves no record: rebuilt
         os.replace(temporary, library_path)
-        _fsync(library_path)
-        partial_record = record.with_suffix(".sha256.partial")
-        partial_record.write_text(_digest(library_path) + "\n")
-        _fsync(partial_record)
-        os.replace(partial_record, record)
+        fsync_path(library_path)
+        write_atomic(record, (_digest(library_path) + "\n").encode())
     finally:
         Path(temporary).unlink(missing_ok=True)
     log.info("radam_dist: kernel compiled in %.1f s", time.monotonic() - started)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def _load(library_path: Path):
@@ -236,8 +229,8 @@ def serves(update, device: Optional[str]) -> bool:
     """True where the kernel can apply ``update`` (a ``fused.DenseUpdate``): float32 or
     float64 throughout, on a CPU device, outside an XLA computation. Builds the kernel on the
     first call that needs it."""
-    parts = update.grad if isinstance(update.grad, (tuple, list)) else (update.grad,)
-    others = [update.m, update.v, *parts] + ([update.vhat] if update.vhat is not None else [])
+    others = [update.m, update.v, *_parts(update.grad)] + (
+        [update.vhat] if update.vhat is not None else [])
     return _serves(update.var, others, update.scalars.lr.dtype, device)
 
 
@@ -262,6 +255,11 @@ def _serves(var, others: Sequence, compute_dtype, device: Optional[str]) -> bool
     return library() is not None
 
 
+def _parts(grad) -> list:
+    """The replicas' parts of a gradient whose sum the update computes, or the gradient."""
+    return list(grad) if isinstance(grad, (tuple, list)) else [grad]
+
+
 def _device_of(variable) -> str:
     try:
         return variable.handle.device
@@ -281,10 +279,9 @@ def apply_dense(update) -> None:
     """``radam_math.apply_dense`` on one ``fused.DenseUpdate``, by the kernel; call it only
     where ``serves`` said yes."""
     s = update.scalars
-    parts: Sequence = update.grad if isinstance(update.grad, (tuple, list)) else (update.grad,)
     library().radam_dist_apply_dense(
         update.var.handle, update.m.handle, update.v.handle,
-        [update.vhat.handle] if update.vhat is not None else [], list(parts),
+        [update.vhat.handle] if update.vhat is not None else [], _parts(update.grad),
         s.lr, s.weight_decay, s.beta_1, s.one_minus_beta_1, s.beta_2, s.one_minus_beta_2,
         s.m_correction, s.v_correction, s.r_t, s.rectified, s.epsilon,
         has_weight_decay=s.has_weight_decay)
@@ -295,5 +292,7 @@ def pull_back(var, slow, alpha) -> None:
     float32, as there); call it only where ``serves_pull_back`` said yes."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    alpha = tf.cast(tf.convert_to_tensor(alpha, tf.float32), tf.as_dtype(var.dtype))
-    library().radam_dist_lookahead_pull_back(var.handle, slow.handle, alpha)
+    from radam_dist import radam_math  # pylint: disable=import-outside-toplevel
+
+    library().radam_dist_lookahead_pull_back(
+        var.handle, slow.handle, radam_math.slow_step_size_as(alpha, tf.as_dtype(var.dtype)))

@@ -201,12 +201,13 @@ void InBlocks(OpKernelContext* ctx, int64_t n, int64_t cycles_per_element, const
 
 // The resource variables of inputs [0, names.size()), looked up, distinct, locked
 // exclusively in address order (as TF's training ops lock theirs), and checked: initialized,
-// of dtype T, of `shape`. `against` names what the dtype and shape are compared with.
+// of dtype T, of `shape` (null: the first variable's). `against` names what the dtype and
+// shape are compared with.
 template <typename T>
 class LockedVariables {
  public:
   LockedVariables(OpKernelContext* ctx, const char* op, std::vector<const char*> names,
-                  const tensorflow::TensorShape& shape, const char* against) {
+                  const tensorflow::TensorShape* shape, const char* against) {
     vars_.resize(names.size());
     for (size_t i = 0; i < names.size(); ++i) {
       status_ = tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, i), &vars_[i]);
@@ -222,6 +223,7 @@ class LockedVariables {
     }
     locks_.reserve(order.size());
     for (Var* var : order) locks_.emplace_back(*var->mu());
+    shape_ = shape != nullptr ? *shape : vars_[0]->tensor()->shape();
     const tensorflow::DataType dtype = tensorflow::DataTypeToEnum<T>::value;
     for (size_t i = 0; i < names.size(); ++i) {
       const Tensor* tensor = vars_[i]->tensor();
@@ -232,16 +234,17 @@ class LockedVariables {
         status_ = absl::InvalidArgumentError(absl::StrCat(
             op, ": ", names[i], " has dtype ", tensorflow::DataTypeString(tensor->dtype()),
             ", ", against, " ", tensorflow::DataTypeString(dtype)));
-      } else if (tensor->shape() != shape) {
+      } else if (tensor->shape() != shape_) {
         status_ = absl::InvalidArgumentError(absl::StrCat(
             op, ": ", names[i], " has shape ", tensor->shape().DebugString(), ", ", against,
-            " ", shape.DebugString()));
+            " ", shape_.DebugString()));
       }
       if (!status_.ok()) return;
     }
   }
 
   const absl::Status& status() const { return status_; }
+  const tensorflow::TensorShape& shape() const { return shape_; }
 
   // Copy-on-write for every variable, then the data of variable i.
   absl::Status PrepareToUpdate(OpKernelContext* ctx) {
@@ -253,6 +256,7 @@ class LockedVariables {
  private:
   std::vector<tensorflow::core::RefCountPtr<Var>> vars_;
   std::vector<tensorflow::mutex_lock> locks_;
+  tensorflow::TensorShape shape_;
   absl::Status status_;
 };
 
@@ -272,7 +276,7 @@ class ApplyDenseOp : public OpKernel {
     const tensorflow::TensorShape& shape = ctx->input(num_vars).shape();
     std::vector<const char*> names = {"var", "m", "v", "vhat"};
     names.resize(num_vars);
-    LockedVariables<T> vars(ctx, "RadamDistApplyDense", names, shape, "the gradient");
+    LockedVariables<T> vars(ctx, "RadamDistApplyDense", names, &shape, "the gradient");
     OP_REQUIRES_OK(ctx, vars.status());
     Arrays<T> arrays;
     for (int k = 0; k < num_parts_; ++k) {
@@ -328,23 +332,14 @@ class PullBackOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(ctx->input(2).shape()),
                 absl::InvalidArgumentError("RadamDistLookaheadPullBack: alpha is not a scalar"));
-    tensorflow::TensorShape shape;
-    {
-      // The shape both must have is var's: look it up first.
-      tensorflow::core::RefCountPtr<Var> first;
-      OP_REQUIRES_OK(ctx, tensorflow::LookupResource(
-                              ctx, tensorflow::HandleFromInput(ctx, 0), &first));
-      tensorflow::tf_shared_lock lock(*first->mu());
-      shape = first->tensor()->shape();
-    }
-    LockedVariables<T> vars(ctx, "RadamDistLookaheadPullBack", {"var", "slow"}, shape,
-                            "var");
+    LockedVariables<T> vars(ctx, "RadamDistLookaheadPullBack", {"var", "slow"},
+                            /*shape=*/nullptr, "var");
     OP_REQUIRES_OK(ctx, vars.status());
     const T alpha = ctx->input(2).scalar<T>()();
     OP_REQUIRES_OK(ctx, vars.PrepareToUpdate(ctx));
     T* var = vars.data(0);
     T* slow = vars.data(1);
-    InBlocks(ctx, shape.num_elements(), /*cycles_per_element=*/4,
+    InBlocks(ctx, vars.shape().num_elements(), /*cycles_per_element=*/4,
              [&](int64_t begin, int64_t end) {
                PullBackElements(end - begin, var + begin, slow + begin, alpha);
              });

@@ -52,6 +52,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from radam_dist._files import fsync_path, write_atomic
 from radam_dist.ps.store import Gradient
 from radam_dist.ps.tensors import numpy_dtype
 
@@ -82,24 +83,6 @@ class WalBrokenError(RuntimeError):
 
 class DirectoryLockedError(RuntimeError):
     """Another server holds the checkpoint directory."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # -- the directory lock -----------------------------------------------------------------------
@@ -180,7 +163,7 @@ def write_checkpoint(directory: Path, meta: dict, arrays: Dict[str, np.ndarray],
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    _fsync_dir(directory)
+    fsync_path(directory)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return final, digest.hexdigest()
@@ -456,8 +439,8 @@ class WriteAheadLog:
         self.path = self.directory / f"wal-{first_version:012d}-{seq:06d}.log"
         self._file = open(self.path, "ab", buffering=0)
         self.seq = seq
-        _fsync_dir(self.directory)
-        _write_atomic(self.directory / WAL_HEAD,
+        fsync_path(self.directory)
+        write_atomic(self.directory / WAL_HEAD,
                       json.dumps({"seq": seq, "first_version": first_version,
                                   "checkpointed": True}).encode())
 
