@@ -27,6 +27,7 @@ caller's ``jit_compile`` (XLA cannot compile a custom op).
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -37,7 +38,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from radam_dist._env import switched_on
 from radam_dist._files import fsync_path, write_atomic
@@ -55,6 +56,12 @@ BUILD_TIMEOUT_S = 600
 # would give NaN either way); -march=native: the cache key holds the CPU's flags.
 CXX_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
              "-fPIC", "-shared", "-Wno-deprecated-declarations", "-Wno-interference-size")
+
+# GCC 12+ with -march=native on a CPU with AVX512-FP16 (Sapphire Rapids and later) turns on
+# Eigen's AVX512 half-precision packets, whose header TensorFlow ships does not compile with it
+# ("expected initializer before '<'" in PacketMathFP16.h). The kernel has no half-precision
+# code, so those instructions are switched off wherever the compiler knows the switch.
+NO_FP16_FLAG = "-mno-avx512fp16"
 
 SUPPORTED_DTYPES = ("float32", "float64")
 
@@ -160,12 +167,25 @@ def _tf_flags(tf) -> List[str]:
     return list(tf.sysconfig.get_compile_flags()) + list(tf.sysconfig.get_link_flags())
 
 
+@functools.lru_cache(maxsize=None)
+def _cxx_flags(compiler: str) -> Tuple[str, ...]:
+    """CXX_FLAGS, plus NO_FP16_FLAG where the CPU has AVX512-FP16 and the compiler knows it."""
+    if "avx512_fp16" not in _cpu_flags().split():
+        return CXX_FLAGS
+    try:
+        probe = subprocess.run([compiler, NO_FP16_FLAG, "-x", "c++", "-fsyntax-only", os.devnull],
+                               capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return CXX_FLAGS
+    return CXX_FLAGS + ((NO_FP16_FLAG,) if probe.returncode == 0 else ())
+
+
 def _cache_key(tf, compiler: str) -> str:
     digest = hashlib.sha256(SOURCE.read_bytes())
     # The include and library folders name one installation; the rest names the ABI.
     flags = [f for f in _tf_flags(tf) if not f.startswith(("-I", "-L"))]
     for part in [tf.__version__, _compiler_version(compiler), _cpu_flags(), platform.machine(),
-                 *CXX_FLAGS, *flags]:
+                 *_cxx_flags(compiler), *flags]:
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()
 
@@ -195,7 +215,7 @@ def _compile(tf, compiler: str, library_path: Path) -> None:
     started = time.monotonic()
     fd, temporary = tempfile.mkstemp(dir=library_path.parent, suffix=".so.partial")
     os.close(fd)
-    command = [compiler, *CXX_FLAGS, str(SOURCE), "-o", temporary, *_tf_flags(tf)]
+    command = [compiler, *_cxx_flags(compiler), str(SOURCE), "-o", temporary, *_tf_flags(tf)]
     try:
         try:
             done = subprocess.run(command, capture_output=True, text=True,
