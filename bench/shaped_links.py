@@ -72,7 +72,8 @@ def ps_step(shards, steps, rows, rate, work):
                              fabric.address(i), "--port", "0", "--port-file", str(port_file),
                              "--insecure", "--mode", "sync", "--num-workers", "2",
                              "--num-shards", str(shards), "--shard-index", str(i)],
-                         work / f"shard{i}-{shards}.log", env=_env())
+                         work / f"shard{i}-{shards}.log",
+                         env=dict(_env(), RADAM_PS_SERVER_KEY="bench-server-key"))
             ports.append(port_file)
         deadline = time.monotonic() + 180
         while not all(p.exists() for p in ports):

@@ -18,9 +18,21 @@ def fsync_path(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``, durably and all at once."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)  # a full disk must not keep the half-written file (and its space)
+        raise
     fsync_path(path.parent)
+
+
+def remove_quietly(path: Path) -> None:
+    """Delete ``path`` if it is there; errors are ignored (the caller is already failing)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

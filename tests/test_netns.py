@@ -144,7 +144,8 @@ def _serve(fabric, i, tmp_path):
                             fabric.address(i), "--port", "0", "--port-file", str(port_file),
                             "--insecure", "--mode", "sync", "--num-workers", "2",
                             "--num-shards", "2", "--shard-index", str(i)],
-                        tmp_path / f"shard{i}.log", env=ch.quiet_env())
+                        tmp_path / f"shard{i}.log",
+                        env=dict(ch.quiet_env(), RADAM_PS_SERVER_KEY="server-key-for-tests"))
     return proc, port_file
 
 

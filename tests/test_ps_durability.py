@@ -16,7 +16,7 @@ import pytest
 
 from ps_helpers import ServerProcess
 from radam_dist import Lookahead, RectifiedAdam
-from radam_dist.ps.client import PSClient, StaleGradientError
+from radam_dist.ps.client import DataLossError, PSClient
 
 SHAPES = {"w": (16, 8), "emb": (50, 4)}
 
@@ -121,15 +121,17 @@ def test_sigkill_without_wal_resumes_from_checkpoint_and_sigterm_saves(tmp_path)
         # The client reconnects by itself while the server comes back.
         restarter = threading.Timer(0.5, lambda: server.start())
         restarter.start()
-        values = client.pull()
+        # Pushes 6..8 were only in memory: the client saw version 8, so it is told, never
+        # "stale, pull and continue" (the job's parameters went back in time).
+        with pytest.raises(DataLossError, match="is at version 5, but this client already saw version 8"):
+            client.pull()
         restarter.join()
-        assert client.stats()[0]["version"] == 5  # pushes 6..8 were only in memory
-        assert_state(values, 5)
-        with pytest.raises(StaleGradientError, match="at version 5"):
-            # This worker's last pull was at version 8 before the crash... simulate it.
-            client.versions = [8]
+        with pytest.raises(DataLossError, match="computed at version 8, but this server is at version 5"):
             client.push(gradient(5))
-        client.pull()
+        assert client.stats()[0]["version"] == 5
+        # Whoever decides to go on from the checkpoint starts a new client there.
+        client = PSClient([server.target])
+        assert_state(client.pull(), 5)
         for i in range(5, 7):
             client.push(gradient(i))
         assert server.terminate() == 0  # SIGTERM: final checkpoint, clean exit

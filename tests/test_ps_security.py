@@ -195,6 +195,12 @@ def test_serve_argument_errors_are_refused_before_tensorflow():
         (["--wal"], "--wal needs --checkpoint-dir"),
         (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
         (["--num-shards", "2", "--shard-index", "2"], "--shard-index 2 is not in [0, --num-shards 2)"),
+        (["--reserved-threads", "64"], "--reserved-threads must be in [0, --max-threads 64)"),
+        (["--mode", "sync", "--num-workers", "60"],
+         "--max-threads minus --reserved-threads must exceed --num-workers"),
+        (["--stream-idle-timeout", "-1"], "--stream-idle-timeout must be >= 0"),
+        (["--keepalive-time", "0"], "--keepalive-time must be > 0"),
+        (["--wal-mark-interval", "-0.5"], "--wal-mark-interval must be >= 0"),
     ]
     script = ("import json, sys\nfrom radam_dist.ps.cli import main\n"
               "for args in json.loads(sys.argv[1]):\n"

@@ -86,7 +86,8 @@ def servers(tmp_path_factory):
               "--num-shards", "2"]
     try:
         shards = pool.start(common + ["--shard-index", "0"], common + ["--shard-index", "1"],
-                            ["--mode", "sync", "--num-workers", "2", "--sync-timeout", "1.5"])
+                            ["--mode", "sync", "--num-workers", "2", "--sync-timeout", "1.5"],
+                            env={"RADAM_PS_SERVER_KEY": "server-key-for-tests"})
         yield shards
     finally:
         pool.close()

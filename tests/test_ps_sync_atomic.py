@@ -69,7 +69,7 @@ def shards(tmp_path_factory):
               "--wal", "--checkpoint-interval", "0"]
     try:
         yield pool.start(*[common + ["--shard-index", str(i), "--checkpoint-dir", str(d / f"ckpt{i}")]
-                           for i in range(2)])
+                           for i in range(2)], env={"RADAM_PS_SERVER_KEY": "server-key-for-tests"})
     finally:
         pool.close()
 

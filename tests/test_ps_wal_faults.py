@@ -270,7 +270,7 @@ def test_stop_joins_the_checkpointer_before_the_final_checkpoint(tmp_path):
     process = ParameterServerProcess(ServeOptions(mode="async", checkpoint_dir=tmp_path / "c",
                                                   wal=True, checkpoint_interval=0.01))
     process.start()
-    timer = process._timer
+    timer = next(t for t in process._threads if t.name == "checkpointer")
     client = PSClient([f"127.0.0.1:{process.port}"], retry_timeout=0)
     client.register({n: np.ones(s, np.float32) for n, s in SHAPES.items()}, {"learning_rate": 0.05})
     for i in range(5):
@@ -284,12 +284,13 @@ def test_stop_joins_the_checkpointer_before_the_final_checkpoint(tmp_path):
 
 def test_checkpoints_keep_as_many_decisions_as_the_constant_says(tmp_path):
     from radam_dist.ps import service as service_module
+    from radam_dist.ps.rounds import Decision
     from radam_dist.ps.service import ServeOptions, ShardService
 
     service = ShardService(ServeOptions(mode="sync", checkpoint_dir=tmp_path / "c"))
     try:
         for r in range(service_module._DECISIONS_KEPT + 50):
-            service._decide(r, {"w0": f"r{r}"})
+            service._decide(r, Decision({"w0": f"r{r}"}))
         service.store.export_state = lambda: ({}, {})  # the decisions are what is checked
         with service._cond:
             meta, _ = service._export_locked()

@@ -13,6 +13,9 @@ PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 TOKEN_FILE="$OUT/token"
 [ -s "$TOKEN_FILE" ] || (umask 077; $PY -c 'import secrets; print(secrets.token_urlsafe(32))' > "$TOKEN_FILE")
+# The shards' own secret (signs sync-round decisions); the workers never read it.
+SERVER_KEY_FILE="$OUT/server-key"
+[ -s "$SERVER_KEY_FILE" ] || (umask 077; $PY -c 'import secrets; print(secrets.token_urlsafe(32))' > "$SERVER_KEY_FILE")
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait || true; }
@@ -23,7 +26,8 @@ for ((i = 0; i < SHARDS; i++)); do
   rm -f "$OUT/shard$i.port"
   $PY -m radam_dist.ps.cli serve --port 0 --port-file "$OUT/shard$i.port" \
       --num-shards "$SHARDS" --shard-index "$i" --mode sync --num-workers "$WORKERS" \
-      --checkpoint-dir "$OUT/ckpt$i" --wal --token-file "$TOKEN_FILE" >"$OUT/shard$i.log" 2>&1 &
+      --checkpoint-dir "$OUT/ckpt$i" --wal --token-file "$TOKEN_FILE" \
+      --server-key-file "$SERVER_KEY_FILE" >"$OUT/shard$i.log" 2>&1 &
   pids+=($!)
 done
 # A shard that dies at start (bad argument, placeholder token, a checkpoint of another

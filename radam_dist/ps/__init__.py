@@ -9,12 +9,12 @@ Importing this package is cheap; ``PSClient`` and the Keras integration load on 
 
 from __future__ import annotations
 
-__all__ = ["PSClient", "PSError", "StaleGradientError", "RoundIncompleteError",
+__all__ = ["PSClient", "PSError", "StaleGradientError", "RoundIncompleteError", "DataLossError",
            "ParameterServerOptimizer"]
 
 
 def __getattr__(name):
-    if name in ("PSClient", "StaleGradientError", "RoundIncompleteError"):
+    if name in ("PSClient", "StaleGradientError", "RoundIncompleteError", "DataLossError"):
         from radam_dist.ps import client
 
         return getattr(client, name)

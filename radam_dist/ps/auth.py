@@ -15,7 +15,8 @@ from typing import Optional
 
 import grpc
 
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
+from radam_dist.ps.admission import HEALTH_PREFIX, refusing_handler
+
 TOKEN_ENV = "RADAM_PS_TOKEN"
 PLACEHOLDER_PREFIX = "REPLACE"  # what example manifests put where a real token belongs
 
@@ -40,13 +41,6 @@ def load_token(token_file: Optional[str] = None, env: str = TOKEN_ENV) -> Option
     return check_token(token, f"${env}") if token else None
 
 
-def _deny(message: str):
-    def abort(request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    return abort
-
-
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Rejects calls without the right bearer token with UNAUTHENTICATED."""
 
@@ -69,11 +63,4 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         message = "missing bearer token" if not supplied else "invalid bearer token"
-        deny = _deny(message)
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+        return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED, message)

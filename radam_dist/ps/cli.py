@@ -28,7 +28,19 @@ def _serve_parser(sub) -> None:
                      help="serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP, no "
                           "token; 0: pick a free port, logged); unset: no metrics endpoint")
     net.add_argument("--max-threads", type=int, default=64,
-                     help="concurrent calls (sync mode needs at least --num-workers)")
+                     help="threads serving calls (sync mode: more than --num-workers plus "
+                          "--reserved-threads, since each waiting worker holds one)")
+    net.add_argument("--reserved-threads", type=int, default=4,
+                     help="of --max-threads, kept for health checks and Stats: other calls beyond "
+                          "the rest get RESOURCE_EXHAUSTED at once")
+    net.add_argument("--stream-idle-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="cancel a client stream (Register, Push, PushPull) that sends nothing "
+                          "for this long, freeing its thread and budget; 0: never")
+    net.add_argument("--keepalive-time", type=float, default=30.0, metavar="SECONDS",
+                     help="ping each connection this often; a frozen or vanished peer's calls end "
+                          "within --keepalive-time + --keepalive-timeout")
+    net.add_argument("--keepalive-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="drop a connection whose ping is not answered within this")
     training = p.add_argument_group("training")
     training.add_argument("--mode", choices=("sync", "async"), default="async",
                           help="sync: average --num-workers gradients per step; async: apply on arrival")
@@ -60,12 +72,20 @@ def _serve_parser(sub) -> None:
     durable.add_argument("--keep-checkpoints", type=int, default=2)
     durable.add_argument("--wal", action="store_true",
                          help="write-ahead log: every acknowledged push survives kill -9")
+    durable.add_argument("--wal-mark-interval", type=float, default=1.0, metavar="SECONDS",
+                         help="with --wal: fsync wal.mark, how far the log reached, this often; a "
+                              "log found shorter at a restart is refused (0: only at checkpoints)")
     durable.add_argument("--discard-damaged-state", action="store_true",
                          help="start even if checkpoints or the WAL are damaged or incomplete: move "
                               "the damaged files aside (logged) and continue without their updates; "
                               "without it such a server refuses to start")
     security = p.add_argument_group("security")
     security.add_argument("--token-file", help="bearer token file (default: $RADAM_PS_TOKEN; none: no auth)")
+    security.add_argument("--server-key-file",
+                          help="secret shared by the job's shards and no worker (default: "
+                               "$RADAM_PS_SERVER_KEY): shard 0 signs sync-round decisions with it, "
+                               "the others apply only what it signed; required for --mode sync "
+                               "with --num-shards > 1")
     security.add_argument("--tls-cert", help="server certificate (PEM)")
     security.add_argument("--tls-key", help="server private key (PEM)")
     security.add_argument("--tls-client-ca", help="CA that signs client certificates: mutual TLS")
@@ -80,6 +100,7 @@ def _stats_parser(sub) -> None:
     p = sub.add_parser("stats", help="print a shard's statistics as JSON")
     p.add_argument("target", help="host:port")
     p.add_argument("--token-file")
+    p.add_argument("--job-id", default="", help="the job the shard holds (as PSClient(job_id=...))")
     p.add_argument("--tls-ca", help="CA of the server certificate (enables TLS)")
     p.add_argument("--tls-cert", help="client certificate (PEM), for a server with --tls-client-ca")
     p.add_argument("--tls-key", help="client private key (PEM)")
@@ -123,8 +144,6 @@ def _check_serve_args(parser, args) -> None:
         parser.error(f"--shard-index {args.shard_index} is not in [0, --num-shards {args.num_shards})")
     if args.mode == "sync" and args.num_workers < 1:
         parser.error("--num-workers must be >= 1")
-    if args.mode == "sync" and args.max_threads <= args.num_workers:
-        parser.error("--max-threads must exceed --num-workers (each waiting worker holds a thread)")
     if not 1024 <= args.chunk_bytes <= 7 << 20:
         parser.error("--chunk-bytes must be between 1 KiB and 7 MiB (the message limit is 8 MiB)")
     if args.wal and not args.checkpoint_dir:
@@ -142,6 +161,20 @@ def _check_serve_args(parser, args) -> None:
                              ("--checkpoint-interval", args.checkpoint_interval, 0)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
+    if not 0 <= args.reserved_threads < args.max_threads:
+        parser.error(f"--reserved-threads must be in [0, --max-threads {args.max_threads}), got "
+                     f"{args.reserved_threads}")
+    if args.mode == "sync" and args.max_threads - args.reserved_threads <= args.num_workers:
+        parser.error("--max-threads minus --reserved-threads must exceed --num-workers (each "
+                     "waiting worker holds a thread)")
+    for flag, value in (("--stream-idle-timeout", args.stream_idle_timeout),
+                        ("--wal-mark-interval", args.wal_mark_interval)):
+        if not value >= 0:
+            parser.error(f"{flag} must be >= 0 seconds, got {value}")
+    for flag, value in (("--keepalive-time", args.keepalive_time),
+                        ("--keepalive-timeout", args.keepalive_timeout)):
+        if not value > 0:
+            parser.error(f"{flag} must be > 0 seconds, got {value}")
     if not args.sync_timeout > 0:
         parser.error(f"--sync-timeout must be > 0 seconds, got {args.sync_timeout}")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -164,18 +197,39 @@ def _refuse(err: Exception) -> int:
 
 def serve(parser, args) -> int:
     _check_serve_args(parser, args)
-    from radam_dist.ps.transport import check_tls_files  # no grpc, no TensorFlow
+    from radam_dist.ps.transport import check_port_free, check_tls_files  # no grpc, no TensorFlow
 
-    try:  # a placeholder or missing TLS file is named at once, not after the TensorFlow import
-        check_tls_files(args.tls)
+    try:  # a placeholder or missing TLS file, or a taken port, is named at once, not after the
+        check_tls_files(args.tls)  # TensorFlow import
+        check_port_free(args.host, args.port, "--port")
+        if args.metrics_port:
+            check_port_free(args.host, args.metrics_port, "--metrics-port")
     except ValueError as err:
         return _refuse(err)
+    import os
+
     from radam_dist.ps.auth import load_token
+    from radam_dist.ps.rounds import load_server_key
 
     try:
         token = load_token(args.token_file)
     except (OSError, ValueError) as err:
         parser.error(f"cannot read the token: {err}")
+    try:
+        server_key = load_server_key(args.server_key_file, os.environ)
+    except OSError as err:
+        parser.error(f"cannot read --server-key-file: {err}")
+    except ValueError as err:
+        parser.error(str(err))
+    if args.mode == "sync" and args.num_shards > 1 and server_key is None:
+        return _refuse(ValueError(
+            f"sync mode over {args.num_shards} shards needs --server-key-file (or "
+            "$RADAM_PS_SERVER_KEY): a secret the job's shards share and no worker holds, with which "
+            "shard 0 signs its round decisions; generate one with python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'"))
+    if token is not None and server_key == token.encode():
+        return _refuse(ValueError("--server-key-file holds the workers' bearer token: the server "
+                                  "key must be a secret no worker has"))
     from radam_dist.ps.server import ParameterServerProcess, PortBindError, serve_forever
     from radam_dist.ps.service import ServeOptions
 
@@ -186,7 +240,9 @@ def serve(parser, args) -> int:
         max_inflight_bytes=args.max_inflight_bytes, discard_damaged_state=args.discard_damaged_state,
         checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
         checkpoint_interval=args.checkpoint_interval, keep_checkpoints=args.keep_checkpoints,
-        wal=args.wal, chunk_bytes=args.chunk_bytes, receive_buffer_bytes=args.receive_buffer_bytes)
+        wal=args.wal, chunk_bytes=args.chunk_bytes, receive_buffer_bytes=args.receive_buffer_bytes,
+        server_key=server_key, stream_idle_timeout=args.stream_idle_timeout,
+        wal_mark_interval=args.wal_mark_interval)
     if token is None:
         logging.getLogger(__name__).warning("no token configured: calls are not authenticated")
     from radam_dist.ps.durability import DirectoryLockedError, RecoveryError
@@ -196,16 +252,37 @@ def serve(parser, args) -> int:
     try:
         process = ParameterServerProcess(options, host=args.host, port=args.port, token=token,
                                          tls=args.tls, insecure=args.insecure,
-                                         max_threads=args.max_threads, metrics_port=args.metrics_port)
+                                         max_threads=args.max_threads, metrics_port=args.metrics_port,
+                                         reserved_threads=args.reserved_threads,
+                                         keepalive_time=args.keepalive_time,
+                                         keepalive_timeout=args.keepalive_timeout)
     except (RecoveryError, DirectoryLockedError, ValueError, PortBindError) as err:
         # Never SERVING on damaged state, a directory another server holds, bad TLS files or a
         # port it cannot bind (the directory lock and the log are released by then).
         return _refuse(err)
+    except OSError as err:  # the checkpoint directory cannot be written (a full disk, ...)
+        return _refuse(_disk_error(err, options.checkpoint_dir))
     try:
         serve_forever(process, args.port_file)
     except PortBindError as err:  # the metrics port
         return _refuse(err)
     return 0
+
+
+def _disk_error(err: OSError, directory: Optional[Path]) -> Exception:
+    """One line for a checkpoint directory that cannot be written at start."""
+    import errno
+    import shutil
+
+    from radam_dist.ps.durability import space_needed
+
+    if directory is None or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return RuntimeError(f"{directory}: {err.strerror or err}")
+    free = shutil.disk_usage(directory).free
+    need = space_needed(directory)
+    return RuntimeError(f"{directory}: no space left ({free} bytes free); starting needs about "
+                        f"{need} bytes there for a checkpoint of the state (plus the log): free "
+                        "space or give --checkpoint-dir a larger volume")
 
 
 def stats(args) -> int:
@@ -214,7 +291,7 @@ def stats(args) -> int:
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("radam-ps stats: --tls-cert and --tls-key go together")
-    client = PSClient([args.target], token=token, root_certificates=args.tls_ca,
+    client = PSClient([args.target], token=token, job_id=args.job_id, root_certificates=args.tls_ca,
                       client_cert=args.tls_cert, client_key=args.tls_key,
                       server_name_override=args.tls_server_name, retry_timeout=0)
     try:

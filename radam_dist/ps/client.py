@@ -24,6 +24,7 @@ import numpy as np
 from radam_dist.ps import placement as placement_mod
 from radam_dist.ps.optimizer_config import to_config
 from radam_dist.ps.proto import pb, pb_grpc
+from radam_dist.ps.transport import KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S, keepalive_options
 from radam_dist.ps.tensors import (DEFAULT_CHUNK_BYTES, BufferPool, TensorAssembler, TimedStream,
                                    WireError, chunk_tensor, parse_chunk_message,
                                    reuse_freed_memory, serialized_chunks)
@@ -32,14 +33,6 @@ log = logging.getLogger(__name__)
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 MAX_MESSAGE_BYTES = 8 << 20
-# Keepalive (docs/PS.md): ping every 30 s, even between calls; a connection whose ping is not
-# answered within 10 s is dropped, so a call to a vanished server fails instead of hanging.
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 
 
 class RoundIncompleteError(RuntimeError):
@@ -48,12 +41,18 @@ class RoundIncompleteError(RuntimeError):
     The outcome is decided and durable; the next pull or push of any worker delivers it."""
 
 
+class DataLossError(RuntimeError):
+    """A server no longer has updates it acknowledged (it answered DATA_LOSS, or a pull showed
+    a version below one this client already saw): it was restored from an older state. Never
+    "pull and continue": the job's parameters went back in time; stop and restore the job."""
+
+
 class StaleGradientError(RuntimeError):
     """The server refused gradients computed from an old version (ABORTED): pull and recompute.
 
-    Raised for async pushes beyond ``--max-staleness``, sync pushes for a round that was already
-    applied or abandoned, and pushes based on a version the server no longer has (a restart
-    from an older checkpoint).
+    Raised for async pushes beyond ``--max-staleness`` and sync pushes for a round that was
+    already applied or abandoned. (A push based on a version the server no longer has raises
+    ``DataLossError``.)
     """
 
 
@@ -118,6 +117,9 @@ class PSClient:
             kernel (``tensors.reuse_freed_memory``: ``mallopt`` thresholds, keeps up to 1 GiB of
             freed heap for reuse). Halves the client's encode and decode time on large models.
             The server and the benchmarks turn it on.
+        keepalive_time_s / keepalive_timeout_s: ping each shard every ``keepalive_time_s`` and
+            drop the connection when no answer comes within ``keepalive_timeout_s``: a call to a
+            frozen or vanished shard fails (UNAVAILABLE) within their sum.
         receive_buffer_bytes: pulled values are decoded into buffers of earlier pulls that
             nothing refers to any more (``tensors.BufferPool``: an array, view or tensor of it
             that the caller still holds keeps a buffer out of reuse), up to this many bytes in
@@ -136,7 +138,8 @@ class PSClient:
                  split_threshold_bytes: int = 64 << 20, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  retry_timeout: float = 60.0, call_timeout: Optional[float] = None,
                  job_id: str = "", validate: bool = True, tune_allocator: bool = False,
-                 receive_buffer_bytes: int = 1 << 30):
+                 receive_buffer_bytes: int = 1 << 30, keepalive_time_s: float = KEEPALIVE_TIME_S,
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S):
         if tune_allocator:
             reuse_freed_memory()
         self.targets = [targets] if isinstance(targets, str) else list(targets)
@@ -153,7 +156,8 @@ class PSClient:
         self.last_split: Dict[int, Dict[str, float]] = {}
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)] + KEEPALIVE_OPTIONS
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)] + keepalive_options(
+                       keepalive_time_s, keepalive_timeout_s, server=False)
         if server_name_override:
             options.append(("grpc.ssl_target_name_override", server_name_override))
         if root_certificates is not None or client_cert is not None:
@@ -168,6 +172,7 @@ class PSClient:
         self.placement: Dict[str, placement_mod.VariablePlacement] = {}
         self._specs: Dict[str, Tuple[str, Tuple[int, ...]]] = {}  # name -> (dtype, full shape)
         self.versions: List[int] = [0] * len(self.targets)
+        self.skipped_pushes = 0  # sync: pushes left out of their round (non-finite on a shard)
         # Tests: called with the protocol point ("staged:<shard>", "committed", "applied:<shard>")
         # so a worker process can die exactly there; stage_sequentially makes the order fixed.
         self._on_phase: Optional[Callable[[str], None]] = None
@@ -275,7 +280,7 @@ class PSClient:
                                             wrap=pb.RegisterRequest)
 
             response = self._call(shard, lambda stub, kw: stub.Register(requests(), **kw))
-            self.versions[shard] = response.version
+            self._saw_version(shard, response.version)
             return response.version
 
         return min(self._fan_out(range(self.num_shards), one).values())
@@ -307,12 +312,15 @@ class PSClient:
                 by_shard.setdefault(piece.shard, []).append(name)
 
         def one(shard: int):
-            request = pb.PullRequest(names=by_shard[shard],
+            request = pb.PullRequest(names=by_shard[shard], job_id=self.job_id,
                                      if_newer_than=-1 if if_newer_than is None else if_newer_than)
             split = self.last_split[shard] = {}
-            header, values = self._call(shard, lambda stub, kw: self._collect(stub.Pull(request, **kw),
-                                                                              split))
-            self.versions[shard] = header.version
+            try:
+                header, values = self._call(shard, lambda stub, kw: self._collect(
+                    stub.Pull(request, **kw), split))
+            except grpc.RpcError as err:
+                raise self._translate(err) from err
+            self._saw_version(shard, header.version)
             return values
 
         parts = self._fan_out(by_shard, one)
@@ -322,6 +330,15 @@ class PSClient:
             self._catch_up()
             parts = self._fan_out(by_shard, one)
         return self._join(wanted, parts)
+
+    def _saw_version(self, shard: int, version: int) -> None:
+        """Versions only grow: a shard answering below one this client saw lost updates."""
+        if version < self.versions[shard]:
+            raise DataLossError(
+                f"shard {shard} ({self.targets[shard]}) is at version {version}, but this client "
+                f"already saw version {self.versions[shard]} there: the server lost acknowledged "
+                "updates (restored from an older state); stop the job and restore it")
+        self.versions[shard] = version
 
     def _join(self, names, parts: Dict[int, Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
         out = {}
@@ -393,7 +410,8 @@ class PSClient:
         yield pb.PushRequest(header=pb.PushHeader(
             worker_id=self.worker_id,
             base_version=self.versions[shard] if stage_round is None else stage_round,
-            request_id=request_id, pull_names=list(pull_names), stage=stage_round is not None))
+            request_id=request_id, pull_names=list(pull_names), stage=stage_round is not None,
+            job_id=self.job_id))
         for i, (name, (values, indices)) in enumerate(sorted(grads.items())):
             if i == 1 and self._on_phase is not None:
                 self._on_phase(f"mid-stream:{shard}")
@@ -409,6 +427,8 @@ class PSClient:
     def _translate(err: grpc.RpcError) -> Exception:
         code = err.code()
         details = err.details() or ""
+        if code == grpc.StatusCode.DATA_LOSS:
+            return DataLossError(details)
         if code == grpc.StatusCode.ABORTED or (
                 code == grpc.StatusCode.FAILED_PRECONDITION
                 and ("gradients computed at version" in details or "gradients for round" in details)):
@@ -431,7 +451,7 @@ class PSClient:
                     self._push_requests(shard, routed[shard], f"{request_id}-{shard}"), **kw))
             except grpc.RpcError as err:
                 raise self._translate(err) from err
-            self.versions[shard] = response.version
+            self._saw_version(shard, response.version)
             return response.version
 
         results = self._fan_out(shards, one)
@@ -470,7 +490,7 @@ class PSClient:
                 version, values = self._call(shard, call)
             except grpc.RpcError as err:
                 raise self._translate(err) from err
-            self.versions[shard] = version
+            self._saw_version(shard, version)
             return values
 
         parts = {s: v for s, v in self._fan_out(range(self.num_shards), one).items() if v is not None}
@@ -498,30 +518,38 @@ class PSClient:
                         continue
                     raise self._translate(err) from err
             self._phase(f"staged:{shard}")
-            return response
+            return response.skipped
 
         if self.stage_sequentially:
-            for shard in range(self.num_shards):
-                stage(shard)
+            skipped = {shard: stage(shard) for shard in range(self.num_shards)}
         else:
-            self._fan_out(range(self.num_shards), stage)
+            skipped = self._fan_out(range(self.num_shards), stage)
         try:
             decision = self._call(0, lambda stub, kw: stub.CommitRound(pb.CommitRoundRequest(
-                round=round_, worker_id=self.worker_id, request_id=request_id), **kw))
+                round=round_, worker_id=self.worker_id, request_id=request_id,
+                job_id=self.job_id, skipped=any(skipped.values())), **kw))
         except grpc.RpcError as err:
             raise self._translate(err) from err
         self._phase("committed")
-        self.versions[0] = decision.version
-        self._deliver(round_, list(decision.members), range(1, self.num_shards))
+        self._saw_version(0, decision.version)
+        if any(m.worker_id == self.worker_id and m.skipped for m in decision.members):
+            self.skipped_pushes += 1
+            log.warning("round %d: this worker's gradient held NaN or Inf on shard(s) %s; it was "
+                        "left out of the round on every shard (%d such pushes so far)", round_,
+                        sorted(s for s, v in skipped.items() if v), self.skipped_pushes)
+        self._deliver(round_, list(decision.members), decision.decision_mac, range(1, self.num_shards))
         return round_ + 1
 
-    def _deliver(self, round_: int, members, shards) -> None:
-        request = pb.ApplyRoundRequest(round=round_, members=members)
+    def _deliver(self, round_: int, members, mac: bytes, shards) -> None:
+        request = pb.ApplyRoundRequest(round=round_, members=members, decision_mac=mac,
+                                       job_id=self.job_id)
 
         def one(shard: int):
             try:
                 response = self._call(shard, lambda stub, kw: stub.ApplyRound(request, **kw))
             except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.DATA_LOSS:
+                    raise DataLossError(f"shard {shard} ({self.targets[shard]}): {err.details()}") from err
                 raise RoundIncompleteError(
                     f"round {round_} is committed (shard 0), but shard {shard} "
                     f"({self.targets[shard]}) did not take it: {err.code().name}: {err.details()}; "
@@ -544,16 +572,16 @@ class PSClient:
                 continue
             for round_ in range(stats[shard]["version"], head):
                 outcome = self._call(0, lambda stub, kw: stub.CommitRound(pb.CommitRoundRequest(
-                    round=round_, query_only=True), **kw))
+                    round=round_, query_only=True, job_id=self.job_id), **kw))
                 if outcome.outcome != pb.CommitRoundResponse.COMMITTED:
                     break
                 log.info("delivering round %d to shard %d (committed on shard 0)", round_, shard)
-                self._deliver(round_, list(outcome.members), [shard])
+                self._deliver(round_, list(outcome.members), outcome.decision_mac, [shard])
 
     def round_outcome(self, round_: int) -> Tuple[str, List[Tuple[str, str]]]:
         """("COMMITTED" | "PENDING", [(worker id, request id)]) of a sync round, from shard 0."""
         r = self._call(0, lambda stub, kw: stub.CommitRound(pb.CommitRoundRequest(
-            round=round_, query_only=True), **kw))
+            round=round_, query_only=True, job_id=self.job_id), **kw))
         return (pb.CommitRoundResponse.Outcome.Name(r.outcome),
                 [(m.worker_id, m.request_id) for m in r.members])
 
@@ -568,7 +596,8 @@ class PSClient:
         from google.protobuf.json_format import MessageToDict
 
         def one(shard: int) -> dict:
-            response = self._call(shard, lambda stub, kw: stub.Stats(pb.StatsRequest(), **kw))
+            response = self._call(shard, lambda stub, kw: stub.Stats(
+                pb.StatsRequest(job_id=self.job_id), **kw))
             d = MessageToDict(response, preserving_proto_field_name=True,
                               always_print_fields_with_no_presence=True)
             for key, value in list(d.items()):  # int64 arrive as strings in JSON mapping
@@ -585,7 +614,8 @@ class PSClient:
 
     def save_checkpoint(self) -> List[Tuple[str, int]]:
         def one(shard: int):
-            r = self._call(shard, lambda stub, kw: stub.SaveCheckpoint(pb.SaveCheckpointRequest(), **kw))
+            r = self._call(shard, lambda stub, kw: stub.SaveCheckpoint(
+                pb.SaveCheckpointRequest(job_id=self.job_id), **kw))
             return r.path, r.version
 
         results = self._fan_out(range(self.num_shards), one)

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -118,7 +119,9 @@ def run(out_dir: str) -> List[str]:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("ckpt*"):  # a fresh job: a previous run's checkpoints would resume it
         shutil.rmtree(old)
+    # the shards' own secret for signing sync-round decisions; workers never get it
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", RADAM_PS_TOKEN="")
+    server_env = dict(env, RADAM_PS_SERVER_KEY=secrets.token_urlsafe(32))
     started = time.monotonic()
     procs = []
     try:
@@ -126,7 +129,7 @@ def run(out_dir: str) -> List[str]:
             procs.append(_start_server(out, f"shard{i}", [
                 "--mode", "sync", "--num-workers", "2", "--num-shards", "2", "--shard-index", str(i),
                 "--checkpoint-dir", str(out / f"ckpt{i}"), "--checkpoint-interval", "0",
-                "--sync-timeout", "120"], env))
+                "--sync-timeout", "120"], server_env))
         workers = [subprocess.Popen([sys.executable, "-m", "radam_dist.ps.demo", "worker",
                                      "--out", str(out), "--index", str(i), "--num-workers", "2",
                                      "--wait-for-ports", str(out / "shard0.port"), str(out / "shard1.port")],

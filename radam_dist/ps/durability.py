@@ -52,7 +52,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from radam_dist._files import fsync_path, write_atomic
+from radam_dist._files import fsync_path, remove_quietly, write_atomic
 from radam_dist.ps.store import Gradient
 from radam_dist.ps.tensors import numpy_dtype
 
@@ -67,7 +67,9 @@ WAL_HEADER = 14  # mark, length, payload crc, header crc
 WAL_TRAILER_MARK = b"\xa5E3Z"
 WAL_TRAILER = 8  # trailer mark, payload crc again: written after the payload, never all zeros
 WAL_HEAD = "wal.head"
+WAL_MARK_NAME = "wal.mark"
 LOCK_NAME = "LOCK"
+TEMP_RE = re.compile(r"^\..+\.\d+\.tmp$")  # write_checkpoint's and write_atomic's temporary names
 DISCARD_HINT = ("restore the file from a backup, or restart with --discard-damaged-state to "
                 "move the damaged files aside and continue without the updates they hold")
 
@@ -155,18 +157,43 @@ def write_checkpoint(directory: Path, meta: dict, arrays: Dict[str, np.ndarray],
     final = directory / f"ckpt-{int(meta['version']):012d}.radps"
     tmp = directory / f".{final.name}.{os.getpid()}.tmp"
     digest = hashlib.sha256()
-    with open(tmp, "wb") as f:
-        for piece in (CKPT_MAGIC, struct.pack("<Q", len(header)), header, *buffers):
-            digest.update(piece)
-            f.write(piece)
-        f.write(digest.digest())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            for piece in (CKPT_MAGIC, struct.pack("<Q", len(header)), header, *buffers):
+                digest.update(piece)
+                f.write(piece)
+            f.write(digest.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        remove_quietly(tmp)  # (ENOSPC) the half-written file would keep its space
+        raise
     fsync_path(directory)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return final, digest.hexdigest()
+
+
+def sweep_temp_files(directory: Path) -> List[str]:
+    """Delete the temporary files of writes that never finished (a crash or a full disk
+    before the rename); only the holder of the directory lock calls this. Returns their names."""
+    if not directory.exists():
+        return []
+    swept = []
+    for p in sorted(directory.iterdir()):
+        if TEMP_RE.match(p.name) and p.is_file():
+            size = p.stat().st_size
+            p.unlink()
+            swept.append(p.name)
+            log.info("removed %s (%d bytes), left by a write that did not finish", p.name, size)
+    return swept
+
+
+def space_needed(directory: Path) -> int:
+    """Bytes a new checkpoint here needs, estimated by the newest one on disk."""
+    kept = list_checkpoints(directory)
+    return kept[-1].stat().st_size if kept else 0
 
 
 def list_checkpoints(directory: Path) -> List[Path]:
@@ -337,6 +364,7 @@ class WriteAheadLog:
         self.path: Optional[Path] = None
         self.seq = -1
         self.broken: Optional[str] = None  # why appends are refused (fail-stop), or None
+        self.end = 0  # bytes of the open segment up to the end of its last complete record
         # the system calls of append (attributes so that a test can inject a disk fault)
         self._write, self._fsync, self._truncate = os.write, os.fsync, os.ftruncate
 
@@ -432,21 +460,30 @@ class WriteAheadLog:
     def start_segment(self, first_version: int) -> None:
         """Close the current segment and open a new one for records from ``first_version``.
         Called only when a checkpoint is written (which then names it)."""
+        seq = self.next_seq()
+        path = self.directory / f"wal-{first_version:012d}-{seq:06d}.log"
+        new_file = open(path, "ab", buffering=0)
+        try:
+            fsync_path(self.directory)
+            write_atomic(self.directory / WAL_HEAD,
+                         json.dumps({"seq": seq, "first_version": first_version,
+                                     "checkpointed": True}).encode())
+        except BaseException:
+            # (a full disk) the old segment stays open and current; nothing names the new one
+            new_file.close()
+            remove_quietly(path)
+            raise
         self.close()
+        self._file, self.path, self.seq, self.end = new_file, path, seq, 0
+
+    def next_seq(self) -> int:
+        """The sequence number the next segment gets (from 1)."""
         existing = [self.seq_of(p) for p in self.segments()]
         head = self.head() if (self.directory / WAL_HEAD).exists() else None
-        seq = max(existing + ([head["seq"]] if head else []), default=0) + 1  # from 1
-        self.path = self.directory / f"wal-{first_version:012d}-{seq:06d}.log"
-        self._file = open(self.path, "ab", buffering=0)
-        self.seq = seq
-        fsync_path(self.directory)
-        write_atomic(self.directory / WAL_HEAD,
-                      json.dumps({"seq": seq, "first_version": first_version,
-                                  "checkpointed": True}).encode())
+        return max(existing + ([head["seq"]] if head else []), default=0) + 1
 
     def append(self, version_before: int, request_ids: List[str], grads: Dict[str, Gradient],
                kind: str = "apply", **extra) -> None:
-        """Write one record and fsync it; only then may the update be acknowledged."""
         """Write one record and fsync it; only then may the update be acknowledged.
 
         On any error (ENOSPC, EIO, ...) the segment is truncated back to where the record
@@ -479,6 +516,7 @@ class WriteAheadLog:
             log.error("write-ahead log: appending %d bytes to %s at byte %d failed (%r); "
                       "truncated back, the update is refused", len(record), self.path, start, err)
             raise
+        self.end = start + len(record)
 
     def drop_before(self, version: int) -> None:
         """Delete segments holding only records older than ``version`` (the oldest checkpoint)."""
@@ -491,3 +529,76 @@ class WriteAheadLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class WalMark:
+    """``wal.mark``: a high-water mark of the log, fsync'ed every ``--wal-mark-interval``.
+
+    A segment cut exactly at a record boundary looks like a log with fewer records; the mark
+    (segment, byte offset and version after the newest acknowledged record, at the time it was
+    written) lets recovery see that records it once held are gone. File: two 64-byte slots,
+    written in turn, so a crash while writing one leaves the other intact::
+
+        b"RWM1" | u64 counter | u64 segment seq | u64 end offset | u64 version | u32 crc32
+        (of the 36 bytes before) | zeros to 64 bytes
+    """
+
+    SLOT = 64
+    _FORMAT = "<4sQQQQ"
+    _MAGIC = b"RWM1"
+
+    def __init__(self, directory: Path):
+        self.path = directory / WAL_MARK_NAME
+        self._counter = 0
+        self._last: Optional[Tuple[int, int, int]] = None
+        current = self.read()
+        if current is not None:
+            self._counter = current["counter"]
+            self._last = (current["seq"], current["end"], current["version"])
+
+    @classmethod
+    def _slot(cls, counter: int, seq: int, end: int, version: int) -> bytes:
+        body = struct.pack(cls._FORMAT, cls._MAGIC, counter, seq, end, version)
+        return (body + struct.pack("<I", zlib.crc32(body))).ljust(cls.SLOT, b"\0")
+
+    def read(self) -> Optional[dict]:
+        """The newest valid slot ({counter, seq, end, version}), None without a mark;
+        RecoveryError where the file holds something that is not a mark."""
+        if not self.path.exists():
+            return None
+        data = self.path.read_bytes()
+        found, damaged = [], 0
+        for i in range(2):
+            slot = data[i * self.SLOT:(i + 1) * self.SLOT]
+            if not slot.strip(b"\0"):
+                continue  # never written (a crash during the very first write leaves zeros)
+            body = slot[:36]
+            if len(slot) < 40 or struct.unpack_from("<I", slot, 36)[0] != zlib.crc32(body) \
+                    or body[:4] != self._MAGIC:
+                damaged += 1
+                continue
+            _, counter, seq, end, version = struct.unpack(self._FORMAT, body)
+            found.append({"counter": counter, "seq": seq, "end": end, "version": version})
+        if not found and (damaged or data.strip(b"\0")):
+            raise RecoveryError(f"{self.path} is damaged ({len(data)} bytes, no slot verifies); it "
+                                "records how far the write-ahead log reached, so a shortened log "
+                                f"could not be detected. {DISCARD_HINT}")
+        return max(found, key=lambda m: m["counter"]) if found else None
+
+    def write(self, seq: int, end: int, version: int) -> bool:
+        """Record (segment, end offset, version), fsync'ed; False when it is already recorded."""
+        if self._last == (seq, end, version):
+            return False
+        self._counter += 1
+        slot = self._slot(self._counter, seq, end, version)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, slot, (self._counter % 2) * self.SLOT)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_path(self.path.parent)
+        self._last = (seq, end, version)
+        return True

@@ -27,6 +27,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.exposition import start_http_server
 
+from radam_dist.ps.admission import rewrap_handler
+
 log = logging.getLogger(__name__)
 
 _OWN_SERVICE = "/radam_dist.ps.v1.ParameterServer/"
@@ -87,6 +89,23 @@ class PSMetrics:
         self.sync_round_timeouts = Counter(
             "radam_ps_sync_round_timeouts", "sync rounds abandoned because workers did not come",
             registry=r)
+        self.round_members_skipped = Counter(
+            "radam_ps_round_members_skipped",
+            "sync: round members left out of the mean on every shard (non-finite gradient on some "
+            "shard, --nonfinite skip); counted by the coordinator", registry=r)
+        self.data_loss = Counter(
+            "radam_ps_data_loss", "calls that showed this server lost acknowledged updates "
+            "(answered DATA_LOSS)", registry=r)
+        self.streams_idle_cancelled = Counter(
+            "radam_ps_streams_idle_cancelled",
+            "client streams cancelled after --stream-idle-timeout without a message", registry=r)
+        self.calls_over_limit = Counter(
+            "radam_ps_calls_over_limit",
+            "calls refused RESOURCE_EXHAUSTED because --max-threads minus --reserved-threads were "
+            "running", registry=r)
+        self.inflight_bytes = Gauge(
+            "radam_ps_inflight_bytes", "tensor bytes held by calls in flight and staged sync pushes "
+            "(bounded by --max-inflight-bytes)", registry=r)
         self.version = Gauge("radam_ps_version", "updates applied to this shard's state", registry=r)
         self.step = Gauge("radam_ps_step", "optimizer step of this shard", registry=r)
         self.info = Info("radam_ps_shard", "static facts about this shard", registry=r)
@@ -230,15 +249,6 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
                     m._record(method, code or "UNKNOWN", started, context)
             return wrapped
 
-        kwargs = dict(request_deserializer=counting_deserializer,
-                      response_serializer=counting_serializer)
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(
-                stream_response(handler.stream_stream), **kwargs)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(
-                unary_response(handler.stream_unary), **kwargs)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                stream_response(handler.unary_stream), **kwargs)
-        return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **kwargs)
+        return rewrap_handler(handler, unary_response, stream_response,
+                              request_deserializer=counting_deserializer,
+                              response_serializer=counting_serializer)

@@ -33,10 +33,13 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import grpc
 import numpy as np
 
+from radam_dist._files import remove_quietly
 from radam_dist.ps import durability
+from radam_dist.ps.admission import IdleStreams
 from radam_dist.ps.errors import PSError
 from radam_dist.ps.metrics import PSMetrics
 from radam_dist.ps.proto import pb, pb_grpc
+from radam_dist.ps.rounds import Decision, DecisionSigner, SyncWorkers
 from radam_dist.ps.store import Gradient, ParameterStore, VariableSpec, name_list
 from radam_dist.ps.tensors import (DEFAULT_CHUNK_BYTES, BufferPool, ByteBudget, TensorAssembler,
                                    TimedStream, WireError, reuse_freed_memory, serialized_chunks,
@@ -69,18 +72,24 @@ class ServeOptions:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     # gradient receive buffers kept for reuse once idle (tensors.BufferPool); 0: fresh each push
     receive_buffer_bytes: int = 1 << 30
+    # sync over several shards: the key the job's servers share (rounds.DecisionSigner)
+    server_key: Optional[bytes] = None
+    stream_idle_timeout: float = 30.0  # seconds a client stream may send nothing; 0: no limit
+    wal_mark_interval: float = 1.0  # seconds between wal.mark writes (the server's timer)
 
 
 @dataclass
 class _Staged:
     request_id: str
     grads: Optional[Dict[str, Gradient]]  # None: skipped (non-finite)
+    charged: int = 0  # bytes held in the in-flight budget until the push is applied or dropped
 
 
 @dataclass
 class _Ready:
     request_id: str
     context: object  # the waiting CommitRound call (None: restored, no caller)
+    skipped: bool = False  # the worker's push was not finite on some shard
 
 
 @dataclass
@@ -113,6 +122,11 @@ def _abort(context, err: PSError):
     context.abort(getattr(grpc.StatusCode, err.code), _bounded(err.message))
 
 
+def _unavailable_on_disk_error(err: OSError, what: str) -> PSError:
+    return PSError("UNAVAILABLE", f"{what} failed ({err.strerror or err}); nothing changed, "
+                                  "retry once the checkpoint directory has room")
+
+
 class ShardService(pb_grpc.ParameterServerServicer):
     """Holds one shard's variables and optimizer state and serves the v1 API."""
 
@@ -121,6 +135,12 @@ class ShardService(pb_grpc.ParameterServerServicer):
             raise ValueError(f"mode must be 'sync' or 'async', got {options.mode!r}")
         if options.wal and options.checkpoint_dir is None:
             raise ValueError("--wal needs --checkpoint-dir (the log is replayed on a checkpoint)")
+        if options.mode == "sync" and options.num_shards > 1 and not options.server_key:
+            raise ValueError(
+                f"sync mode over {options.num_shards} shards needs --server-key-file (or "
+                "$RADAM_PS_SERVER_KEY): a secret all shards of the job share and no worker holds, "
+                "with which shard 0 signs its round decisions; generate one with python -c "
+                "'import secrets; print(secrets.token_urlsafe(32))'")
         self.options = options
         reuse_freed_memory()  # chunk buffers: no page fault per 4 KiB (tensors.py says why)
         self.store = ParameterStore()
@@ -131,7 +151,9 @@ class ShardService(pb_grpc.ParameterServerServicer):
         # sync: the current round's staged pushes, (worker, request id) -> gradients
         self._staged: Dict[Tuple[str, str], _Staged] = {}
         self._ready: Dict[str, _Ready] = {}  # shard 0: workers staged everywhere, this round
-        self._decisions: "collections.OrderedDict[int, Dict[str, str]]" = collections.OrderedDict()
+        self._decisions: "collections.OrderedDict[int, Decision]" = collections.OrderedDict()
+        self.signer = DecisionSigner(options.server_key if options.num_shards > 1 else None)
+        self.workers = SyncWorkers(options.num_workers, options.sync_timeout)
         self._generation = 0  # sync: bumped when a round is committed or abandoned
         self._abandoned: Dict[int, str] = {}  # generation -> why the round was abandoned
         self.counters = _Counters()
@@ -143,9 +165,13 @@ class ShardService(pb_grpc.ParameterServerServicer):
         # become the variables).
         self.receive_pool = BufferPool(options.receive_buffer_bytes)
         self.metrics = PSMetrics(lambda: (self.store.version, self.store.step), options)
+        self.metrics.inflight_bytes.set_function(lambda: float(self.budget.used))
+        self.idle_streams = IdleStreams(options.stream_idle_timeout,
+                                        self.metrics.streams_idle_cancelled)
         self.lock = (durability.DirectoryLock(options.checkpoint_dir)
                      if options.checkpoint_dir is not None else None)
         self.wal = durability.WriteAheadLog(options.checkpoint_dir) if options.wal else None
+        self.mark: Optional[durability.WalMark] = None
         try:
             self._recover()
         except BaseException:
@@ -170,6 +196,7 @@ class ShardService(pb_grpc.ParameterServerServicer):
         if directory is None:
             return
         discard = self.options.discard_damaged_state
+        durability.sweep_temp_files(directory)  # ours: we hold the directory lock
         loaded, damaged = durability.load_checkpoints(directory)
         segments = self.wal.segments() if self.wal is not None else []
         try:
@@ -192,7 +219,8 @@ class ShardService(pb_grpc.ParameterServerServicer):
                 raise durability.RecoveryError(message)
             self._aside([p for p, _ in damaged], "does not verify")
             if loaded is None:
-                self._aside(segments + [directory / durability.WAL_HEAD],
+                self._aside(segments + [directory / durability.WAL_HEAD,
+                                        directory / durability.WAL_MARK_NAME],
                             "continues a checkpoint that does not verify")
                 segments, head = [], None
         if loaded is None and self.wal is not None and (head is not None or segments) and not damaged:
@@ -210,7 +238,9 @@ class ShardService(pb_grpc.ParameterServerServicer):
                            f"{durability.DISCARD_HINT}")
                 if not discard:
                     raise durability.RecoveryError(message)
-                self._aside(segments + [directory / durability.WAL_HEAD], "no checkpoint to replay onto")
+                self._aside(segments + [directory / durability.WAL_HEAD,
+                                        directory / durability.WAL_MARK_NAME],
+                            "no checkpoint to replay onto")
         if loaded is not None:
             path, meta, arrays = loaded
             if (meta.get("shard_index"), meta.get("num_shards")) != (
@@ -222,23 +252,73 @@ class ShardService(pb_grpc.ParameterServerServicer):
             self.placement = meta.get("placement", {})
             for rid, version in meta.get("dedup", []):
                 self._remember(rid, version)
-            for round_, members in meta.get("decisions", []):
-                self._decide(int(round_), dict(members))
+            for round_, *decision in meta.get("decisions", []):
+                self._decide(int(round_), Decision.from_json(
+                    decision[0] if len(decision) == 1 else decision))
+            self.workers.restore(meta.get("workers", []))
             self.counters.last_checkpoint_version = self.store.version
             log.info("resumed from %s at version %d", path.name, self.store.version)
             if self.wal is None:
                 self._refuse_unread_log(meta)
             if self.wal is not None:
                 self._replay(meta)
+                self._check_mark()
                 if damaged:  # every update they held is back from the log
                     for p, why in damaged:
                         log.warning("checkpoint %s does not verify (%s); its updates were replayed "
                                     "from the write-ahead log instead", p.name, why)
                     self._aside([p for p, _ in damaged], "does not verify (replaced by the log)")
+        if self.wal is not None and self.mark is None:
+            self.mark = self._load_mark()
         if self.wal is not None and self.store.registered:
             self.save_checkpoint()  # starts a new segment that this checkpoint names
+            self.write_wal_mark()
         # (Unregistered: no segment yet; Register's checkpoint starts the one it names, so
         # restarts before registration leave nothing that could look like lost state.)
+
+    def _load_mark(self) -> "durability.WalMark":
+        directory = self.options.checkpoint_dir
+        try:
+            return durability.WalMark(directory)
+        except durability.RecoveryError:
+            if not self.options.discard_damaged_state:
+                raise
+            self._aside([directory / durability.WAL_MARK_NAME], "does not verify")
+            return durability.WalMark(directory)
+
+    def _check_mark(self) -> None:
+        """Refuse a log that ends before what ``wal.mark`` says it once held: records cut off at
+        a record boundary (which no checksum can see) were acknowledged."""
+        self.mark = self._load_mark()
+        mark = self.mark.read()
+        if mark is None:
+            return
+        present = {self.wal.seq_of(p): p for p in self.wal.segments()}
+        segment = present.get(mark["seq"])
+        size = segment.stat().st_size if segment is not None else None
+        short = segment is not None and size < mark["end"]
+        gone = segment is None and mark["seq"] > max(present, default=-1)
+        if not (short or gone or self.store.version < mark["version"]):
+            return
+        where = (f"{segment.name} has {size} bytes, the mark {mark['end']}" if segment is not None
+                 else f"segment {mark['seq']} is missing")
+        message = (f"the write-ahead log ends at version {self.store.version} but "
+                   f"{self.mark.path} recorded version {mark['version']} ({where}): acknowledged "
+                   f"records were removed from the end of the log. {durability.DISCARD_HINT}")
+        if not self.options.discard_damaged_state:
+            raise durability.RecoveryError(message)
+        log.warning("DISCARDING: %s", message)
+
+    def write_wal_mark(self) -> bool:
+        """fsync (segment, end, version) of the newest acknowledged record into ``wal.mark``
+        (the server calls this every --wal-mark-interval). Only what is durable is recorded."""
+        if self.mark is None or self.wal is None or self.failed is not None:
+            return False
+        with self._cond:
+            if self.wal.path is None:
+                return False
+            seq, end, version = self.wal.seq, self.wal.end, self.store.version
+        return self.mark.write(seq, end, version)
 
     def _refuse_unread_log(self, meta: dict) -> None:
         """A server restarted without --wal over a log that holds updates after the checkpoint
@@ -285,11 +365,13 @@ class ShardService(pb_grpc.ParameterServerServicer):
                 if record.kind == "stage":
                     if record.version_before == self.store.version:
                         worker = record.meta.get("worker", "")
-                        self._staged[(worker, record.request_ids[0])] = _Staged(
-                            record.request_ids[0], None if record.meta.get("skipped") else record.grads)
+                        grads = None if record.meta.get("skipped") else record.grads
+                        self._hold_staged((worker, record.request_ids[0]),
+                                          _Staged(record.request_ids[0], grads))
+                        self.workers.restore([worker])
                         mine = [k for k in self._staged if k[0] == worker]
                         for dropped in mine[:-_STAGINGS_PER_WORKER]:  # as _stage keeps them
-                            del self._staged[dropped]
+                            self._drop_staged(dropped)
                     continue
                 if record.version_before != self.store.version:
                     raise durability.RecoveryError(
@@ -301,8 +383,9 @@ class ShardService(pb_grpc.ParameterServerServicer):
                 for rid in record.request_ids:
                     self._remember(rid, self.store.version)
                 if "members" in record.meta:
-                    self._decide(round_, record.meta["members"])
-                    self._staged.clear()
+                    self._decide(round_, Decision(dict(record.meta["members"]),
+                                                  frozenset(record.meta.get("skipped", ()))))
+                    self._clear_staged()
                 replayed += 1
         except durability.RecoveryError as err:
             if not discard:
@@ -326,10 +409,40 @@ class ShardService(pb_grpc.ParameterServerServicer):
         while len(self._dedup) > _DEDUP_CAPACITY:
             self._dedup.popitem(last=False)
 
-    def _decide(self, round_: int, members: Dict[str, str]) -> None:
-        self._decisions[round_] = dict(members)
+    def _decide(self, round_: int, decision: Decision) -> None:
+        self._decisions[round_] = decision
         while len(self._decisions) > _DECISIONS_KEPT:
             self._decisions.popitem(last=False)
+
+    def _hold_staged(self, key: Tuple[str, str], staged: _Staged) -> None:
+        """Keep a staged push; its bytes stay in the in-flight budget until it goes."""
+        if not staged.charged and staged.grads:
+            staged.charged = sum(g.nbytes for g in staged.grads.values())
+            self.budget.hold(staged.charged)
+        self._staged[key] = staged
+
+    def _drop_staged(self, key: Tuple[str, str]) -> None:
+        staged = self._staged.pop(key)
+        self.budget.release(staged.charged)
+
+    def _clear_staged(self) -> None:
+        for key in list(self._staged):
+            self._drop_staged(key)
+
+    def _check_job(self, job_id: str) -> None:
+        """Every call names its job: one registered under another id is refused."""
+        if self.store.registered and job_id != self.store.job_id:
+            raise PSError("FAILED_PRECONDITION",
+                          f"this server holds job {self.store.job_id[:100]!r}; the call names job "
+                          f"{job_id[:100]!r} (PSClient(job_id=...) must be the job's id); nothing "
+                          "changed")
+
+    def _data_loss(self, message: str) -> PSError:
+        """The caller saw updates this server no longer has: never stale-and-continue."""
+        log.error("DATA LOSS: %s", message)
+        self.metrics.data_loss.inc()
+        return PSError("DATA_LOSS", message + ": this server lost acknowledged updates (restored "
+                                              "from an older state); stop the job and restore it")
 
     def _expect_push(self, name: str, role: int, dtype: str, shape: Tuple[int, ...]) -> None:
         """Refuse a declared gradient that does not fit the registered variable (before any
@@ -362,7 +475,8 @@ class ShardService(pb_grpc.ParameterServerServicer):
                 code="FAILED_PRECONDITION")
 
     def _receive(self, request_iterator, header_field: str, roles: frozenset, context, expect=None,
-                 split: Optional[dict] = None, pool: Optional[BufferPool] = None):
+                 split: Optional[dict] = None, pool: Optional[BufferPool] = None,
+                 on_header=None, method: str = ""):
         """Read a client stream: (header, {(name, role): array}, assembler). Raises PSError;
         the caller releases ``assembler`` (its reservation in the in-flight budget).
 
@@ -370,14 +484,17 @@ class ShardService(pb_grpc.ParameterServerServicer):
         deserializer for the tensor streams): ``split_message`` cuts out the data, which is
         copied once, straight into the tensor. (Messages already parsed work too.) ``split``
         collects seconds spent waiting for the wire ("wire_in") and decoding ("decode");
-        ``pool``: where the tensors' buffers come from (fresh memory without)."""
+        ``pool``: where the tensors' buffers come from (fresh memory without); ``on_header``
+        checks the header before any tensor is read (a refusal then costs nothing). A stream
+        that sends nothing for --stream-idle-timeout is cancelled (admission.IdleStreams)."""
         header = None
         assembler = TensorAssembler(self.options.max_request_bytes, roles, expect, self.budget,
                                     check_finite=True, pool=pool)
         wrap = pb.RegisterRequest if header_field == "RegisterHeader" else pb.PushRequest
         received = 0
         decoded = 0.0
-        messages = TimedStream(request_iterator)
+        watched = self.idle_streams.watch(request_iterator, context, method or header_field)
+        messages = TimedStream(watched)
         try:
             first = True
             for message in messages:
@@ -393,6 +510,8 @@ class ShardService(pb_grpc.ParameterServerServicer):
                     if kind != "header":
                         raise PSError("INVALID_ARGUMENT", f"the first message must be the {header_field}")
                     header = message_header
+                    if on_header is not None:
+                        on_header(header)
                     continue
                 if kind != "chunk":
                     raise PSError("INVALID_ARGUMENT", "only one header per stream")
@@ -418,6 +537,8 @@ class ShardService(pb_grpc.ParameterServerServicer):
         except BaseException:
             assembler.release()
             raise
+        finally:
+            watched.close()
         with self._cond:
             self.counters.bytes_received += received
         return header, tensors, assembler
@@ -514,26 +635,53 @@ class ShardService(pb_grpc.ParameterServerServicer):
             canonical = self.store.check_registration(header.optimizer_config_json, specs, header.job_id)
             created = not self.store.registered
             if created:
-                self.store.create(canonical, specs, values, header.job_id)
-                self.placement = placement
+                store = ParameterStore()
+                store.create(canonical, specs, values, header.job_id)
+                if opts.checkpoint_dir is not None:
+                    # Durable before visible: the registration becomes this server's state only
+                    # once its checkpoint (and the log segment that continues it) is on disk; the
+                    # lock is held, so no call sees it before.
+                    self._write_registration(store, placement)
+                    self.counters.last_checkpoint_version = 0
+                self.store, self.placement = store, placement
                 log.info("registered %d variables (%d parameters), optimizer %s",
                          len(specs), self.store.num_parameters, canonical)
-                if opts.checkpoint_dir is not None:
-                    # The registration must be durable before anyone can push to it; the lock
-                    # is still held, so no push slips in before the file exists.
-                    meta, arrays = self._export_locked()
-                    durability.write_checkpoint(
-                        opts.checkpoint_dir, meta, arrays, opts.keep_checkpoints)
-                    self.counters.last_checkpoint_version = 0
             return pb.RegisterResponse(created=created, version=self.store.version,
                                        step=self.store.step, names=self.store.names)
+
+    def _write_registration(self, store: ParameterStore, placement: dict) -> None:
+        """The first checkpoint, then the first log segment; on a write error nothing of either
+        stays on disk and the registration is refused with UNAVAILABLE."""
+        opts = self.options
+        meta, arrays = store.export_state()
+        meta.update(self._checkpoint_facts(placement))
+        if self.wal is not None:
+            meta["wal_segment"] = self.wal.next_seq()
+        try:
+            path, _ = durability.write_checkpoint(opts.checkpoint_dir, meta, arrays,
+                                                  opts.keep_checkpoints)
+        except OSError as err:
+            raise _unavailable_on_disk_error(err, "writing the registration's checkpoint") from err
+        if self.wal is None:
+            return
+        try:
+            self.wal.start_segment(store.version)
+        except OSError as err:
+            remove_quietly(path)  # a checkpoint naming a segment that does not exist would be refused
+            raise _unavailable_on_disk_error(err, "starting the write-ahead log") from err
+        assert self.wal.seq == meta["wal_segment"]
 
     # -- Pull -------------------------------------------------------------------------------
     def Pull(self, request, context):
         try:
             with self._cond:
+                self._check_job(request.job_id)
                 names = self.store.check_names(list(request.names))
                 version, step = self.store.version, self.store.step
+                if request.if_newer_than > version:
+                    raise self._data_loss(f"a pull for values newer than version "
+                                          f"{request.if_newer_than}, but this server is at "
+                                          f"version {version}")
                 if request.if_newer_than >= 0 and version <= request.if_newer_than:
                     values, names = {}, []
                     header = dict(version=version, step=step, not_modified=True)
@@ -547,19 +695,30 @@ class ShardService(pb_grpc.ParameterServerServicer):
     # -- Push -------------------------------------------------------------------------------
     _PUSH_ROLES = frozenset({pb.GRADIENT, pb.SPARSE_VALUES, pb.SPARSE_INDICES})
 
-    def _receive_push(self, request_iterator, context, split: Optional[dict] = None):
+    def _receive_push(self, request_iterator, context, split: Optional[dict] = None,
+                      method: str = "Push"):
         with self._cond:
             if not self.store.registered:
                 raise PSError("FAILED_PRECONDITION", "push before registration: call Register first")
         return self._receive(request_iterator, "PushHeader", self._PUSH_ROLES, context,
-                             self._expect_push, split, self.receive_pool)
+                             self._expect_push, split, self.receive_pool, self._check_push_header,
+                             method)
+
+    def _check_push_header(self, header) -> None:
+        """Refusals a header alone decides, before any tensor is read: another job's push, and
+        in sync mode a stage from a worker that is not one of the job's K."""
+        with self._cond:
+            self._check_job(header.job_id)
+            if self.options.mode == "sync" and header.worker_id:
+                self.workers.check(header.worker_id, self._ready)
 
     def Push(self, request_iterator, context):
         assembler = header = None
         try:
             header, tensors, assembler = self._receive_push(request_iterator, context)
             version, step, skipped, duplicate, staged = self._push(header, tensors, context,
-                                                                   finite=assembler.finite())
+                                                                   finite=assembler.finite(),
+                                                                   assembler=assembler)
             return pb.PushResponse(version=version, step=step, skipped=skipped, duplicate=duplicate,
                                    staged=staged)
         except PSError as err:
@@ -574,11 +733,12 @@ class ShardService(pb_grpc.ParameterServerServicer):
         assembler = header = None
         split: Dict[str, float] = {}
         try:
-            header, tensors, assembler = self._receive_push(request_iterator, context, split)
+            header, tensors, assembler = self._receive_push(request_iterator, context, split,
+                                                            "PushPull")
             with self._cond:
                 self.store.check_names(list(header.pull_names))
             version, step, skipped, duplicate, _ = self._push(header, tensors, context, split,
-                                                              assembler.finite())
+                                                              assembler.finite(), assembler)
             t = time.perf_counter()
             with self._cond:
                 names = self.store.check_names(list(header.pull_names))
@@ -601,9 +761,11 @@ class ShardService(pb_grpc.ParameterServerServicer):
                                                    for k in self.SPLIT))
 
     def _push(self, header, tensors, context, split: Optional[dict] = None,
-              finite: Optional[dict] = None) -> Tuple[int, int, bool, bool, bool]:
+              finite: Optional[dict] = None, assembler: Optional[TensorAssembler] = None
+              ) -> Tuple[int, int, bool, bool, bool]:
         """Validate, then apply / stage. ``finite``: TensorAssembler.finite() of ``tensors``
-        (checked on arrival); ``split`` gets the seconds of "validate" and "apply"."""
+        (checked on arrival); ``split`` gets the seconds of "validate" and "apply"; a staged
+        push takes over ``assembler``'s reservation in the in-flight budget."""
         t0 = time.perf_counter()
         grads = self._gradients(tensors)
         known = {name: ok for (name, role), ok in (finite or {}).items()
@@ -615,19 +777,20 @@ class ShardService(pb_grpc.ParameterServerServicer):
         grads = grads if finite else None
         t1 = time.perf_counter()
         try:
-            return self._push_validated(header, grads, context)
+            return self._push_validated(header, grads, context, assembler)
         finally:
             if split is not None:
                 split["validate"], split["apply"] = t1 - t0, time.perf_counter() - t1
 
-    def _push_validated(self, header, grads, context) -> Tuple[int, int, bool, bool, bool]:
+    def _push_validated(self, header, grads, context, assembler=None
+                        ) -> Tuple[int, int, bool, bool, bool]:
         if self.options.mode == "async":
             if header.stage:
                 raise PSError("FAILED_PRECONDITION", "stage=true is for sync mode; this server is async")
             return self._push_async(header, grads) + (False,)
         if header.stage:
             return self._stage(header.worker_id, header.base_version, header.request_id,
-                               grads) + (True,)
+                               grads, assembler) + (True,)
         if self.options.num_shards > 1:
             raise PSError(
                 "FAILED_PRECONDITION",
@@ -635,7 +798,7 @@ class ShardService(pb_grpc.ParameterServerServicer):
                 "(stage on every shard, CommitRound on shard 0, ApplyRound on the others; "
                 "PSClient does this): a one-shot push could be applied on some shards only")
         request_id = header.request_id or f"anonymous-{uuid.uuid4().hex}"
-        self._stage(header.worker_id, header.base_version, request_id, grads)
+        self._stage(header.worker_id, header.base_version, request_id, grads, assembler)
         response = self._commit(header.base_version, header.worker_id, request_id, context)
         with self._cond:
             return response.version, response.step, grads is None, False, False
@@ -649,9 +812,8 @@ class ShardService(pb_grpc.ParameterServerServicer):
         with self._cond:
             version = self.store.version
             if header.base_version > version:
-                raise PSError("FAILED_PRECONDITION",
-                              f"gradients computed at version {header.base_version}, but this server "
-                              f"is at version {version} (a restarted server without its state?)")
+                raise self._data_loss(f"gradients computed at version {header.base_version}, but "
+                                      f"this server is at version {version}")
             staleness = version - header.base_version
             self.metrics.staleness.observe(staleness)
             limit = self.options.max_staleness
@@ -676,20 +838,28 @@ class ShardService(pb_grpc.ParameterServerServicer):
             raise PSError("ABORTED",
                           f"sync round {round_} is already applied (server at version {version}); "
                           "pull and recompute")
+        if round_ > version and self.options.shard_index == 0:
+            # Rounds are numbered by shard 0's version, so only a coordinator that lost
+            # acknowledged rounds can see one from its future.
+            raise self._data_loss(f"sync round {round_} named, but the coordinator (shard 0) is "
+                                  f"at round {version}")
         if round_ > version:
             raise PSError("FAILED_PRECONDITION",
                           f"shard behind: gradients for round {round_}, but shard "
                           f"{self.options.shard_index} is at round {version} (the outcome of round "
                           f"{version} has not reached it yet; PSClient delivers it and retries)")
 
-    def _stage(self, worker: str, round_: int, request_id: str, grads) -> Tuple[int, int, bool, bool]:
-        """Hold a push for its round (durably with --wal); nothing is applied."""
+    def _stage(self, worker: str, round_: int, request_id: str, grads,
+               assembler: Optional[TensorAssembler] = None) -> Tuple[int, int, bool, bool]:
+        """Hold a push for its round (durably with --wal); nothing is applied. Only the job's K
+        workers may (rounds.SyncWorkers); the push's bytes stay in the in-flight budget."""
         if not worker:
             raise PSError("INVALID_ARGUMENT", "sync mode needs a worker_id in every push")
         if not request_id:
             raise PSError("INVALID_ARGUMENT", "sync mode needs a request_id in every push")
         with self._cond:
             self._check_round_locked(round_)
+            self.workers.check(worker, self._ready)
             key = (worker, request_id)
             if key not in self._staged:
                 if self.wal is not None:  # first: a failed write changes nothing
@@ -703,22 +873,32 @@ class ShardService(pb_grpc.ParameterServerServicer):
                         and (ready is None or k[1] != ready.request_id)]
                 while len(mine) >= _STAGINGS_PER_WORKER:
                     dropped = mine.pop(0)
-                    del self._staged[dropped]
+                    self._drop_staged(dropped)
                     log.info("round %d: dropped worker %s's older staged push %s", round_, worker,
                              dropped[1])
-                self._staged[key] = _Staged(request_id, grads)
+                self.workers.admit(worker, self._ready)
+                staged = _Staged(request_id, grads)
+                if grads is not None and assembler is not None:  # its reservation goes with it
+                    staged.charged, assembler.reserved = assembler.reserved, 0
+                self._hold_staged(key, staged)
+            else:
+                self.workers.admit(worker, self._ready)  # a retry: still active
             return self.store.version, self.store.step, grads is None, False
 
     def CommitRound(self, request, context):
         try:
+            with self._cond:
+                self._check_job(request.job_id)
             if request.query_only:
                 return self._outcome(request.round)
-            return self._commit(request.round, request.worker_id, request.request_id, context)
+            return self._commit(request.round, request.worker_id, request.request_id, context,
+                                request.skipped)
         except PSError as err:
             _abort(context, _who(err, request))
 
-    def _members_pb(self, members: Dict[str, str]):
-        return [pb.RoundMember(worker_id=w, request_id=r) for w, r in sorted(members.items())]
+    def _members_pb(self, members: Dict[str, str], skipped=frozenset()):
+        return [pb.RoundMember(worker_id=w, request_id=r, skipped=w in skipped)
+                for w, r in sorted(members.items())]
 
     def _outcome(self, round_: int):
         with self._cond:
@@ -728,14 +908,16 @@ class ShardService(pb_grpc.ParameterServerServicer):
                     outcome=pb.CommitRoundResponse.PENDING, round=round_,
                     members=self._members_pb({w: r.request_id for w, r in self._ready.items()}),
                     version=self.store.version, step=self.store.step)
-            members = self._decisions.get(round_)
-            if members is None:
+            decision = self._decisions.get(round_)
+            if decision is None:
                 raise PSError("FAILED_PRECONDITION",
                               f"the outcome of round {round_} is no longer kept (the last "
                               f"{_DECISIONS_KEPT} rounds are)")
+            mac = self.signer.sign(self.store.job_id, self.options.num_shards, round_, decision)
             return pb.CommitRoundResponse(outcome=pb.CommitRoundResponse.COMMITTED, round=round_,
-                                          members=self._members_pb(members),
-                                          version=self.store.version, step=self.store.step)
+                                          members=self._members_pb(decision.members, decision.skipped),
+                                          version=self.store.version, step=self.store.step,
+                                          decision_mac=mac)
 
     def _only_coordinator(self) -> None:
         if self.options.mode != "sync":
@@ -757,7 +939,7 @@ class ShardService(pb_grpc.ParameterServerServicer):
         raise PSError("ABORTED", f"round {round_} was committed without worker {worker!r} (members "
                                  f"{name_list(sorted(members))}); pull and recompute")
 
-    def _commit(self, round_: int, worker: str, request_id: str, context):
+    def _commit(self, round_: int, worker: str, request_id: str, context, skipped: bool = False):
         opts = self.options
         with self._cond:
             self._only_coordinator()
@@ -781,7 +963,7 @@ class ShardService(pb_grpc.ParameterServerServicer):
                         "share this worker id (worker ids must be unique per process)")
                 log.info("round %d: worker %s replaced (push %s instead of %s from a call that "
                          "went away)", round_, worker, request_id, earlier.request_id)
-            self._ready[worker] = _Ready(request_id, context)
+            self._ready[worker] = _Ready(request_id, context, skipped)
             generation = self._generation
             if len(self._ready) >= opts.num_workers:
                 self._commit_locked(round_)
@@ -812,29 +994,41 @@ class ShardService(pb_grpc.ParameterServerServicer):
         self._cond.notify_all()
 
     def _commit_locked(self, round_: int) -> None:
+        """Decide round_ with the ready workers: one non-finite decision for every shard (a
+        member skipped here or, by its own word, on another shard is left out everywhere)."""
         members = {w: r.request_id for w, r in sorted(self._ready.items())}
+        skipped = frozenset(w for w, r in self._ready.items()
+                            if r.skipped or (w, r.request_id) in self._staged
+                            and self._staged[(w, r.request_id)].grads is None)
         try:
-            self._apply_round_locked(round_, members)
+            self._apply_round_locked(round_, Decision(members, skipped))
+            self.metrics.round_members_skipped.inc(len(skipped))
         except PSError as err:  # e.g. the log write failed: nothing applied, tell every waiter
             self._abandon_round_locked(f"sync round {round_} could not be applied: {err.message}")
             raise
 
-    def _apply_round_locked(self, round_: int, members: Dict[str, str]) -> None:
+    def _apply_round_locked(self, round_: int, decision: Decision) -> None:
+        members = decision.members
         missing = sorted(w for w, rid in members.items() if (w, rid) not in self._staged)
         if missing:
-            raise PSError("FAILED_PRECONDITION",
-                          f"round {round_}: shard {self.options.shard_index} does not hold the staged "
-                          f"pushes of {name_list(missing)} (lost in a restart without --wal?); this "
-                          "shard cannot apply the round")
-        staged = [self._staged[(w, members[w])] for w in sorted(members)]
-        contributions = [s for s in staged if s.grads is not None]
+            raise self._data_loss(
+                f"round {round_}: shard {self.options.shard_index} does not hold the staged pushes "
+                f"of {name_list(missing)}, which it acknowledged (lost in a restart without "
+                "--wal?), so it cannot apply the round")
+        staged = {w: self._staged[(w, members[w])] for w in sorted(members)}
+        disagree = sorted(w for w, st in staged.items() if st.grads is None and w not in decision.skipped)
+        if disagree:  # only a client that hid its skip can cause this; the mean stays finite
+            log.error("round %d: the decision keeps %s, whose push here was not finite; left out "
+                      "on this shard only", round_, name_list(disagree))
+        contributions = [st for w, st in staged.items()
+                         if st.grads is not None and w not in decision.skipped]
         merged = average(c.grads for c in contributions)
         request_ids = [members[w] for w in sorted(members)]
-        self._apply_locked(merged, request_ids, members=members)
+        self._apply_locked(merged, request_ids, members=members, skipped=sorted(decision.skipped))
         self.counters.pushes_applied += len(contributions)
         self.counters.pushes_skipped += len(staged) - len(contributions)
-        self._decide(round_, members)
-        self._staged.clear()
+        self._decide(round_, decision)
+        self._clear_staged()
         self._ready.clear()
         self._generation += 1
         self._cond.notify_all()
@@ -847,28 +1041,32 @@ class ShardService(pb_grpc.ParameterServerServicer):
 
     def _apply_round(self, request):
         members = {m.worker_id: m.request_id for m in request.members}
+        decision = Decision(members, frozenset(m.worker_id for m in request.members if m.skipped))
         with self._cond:
             if self.options.mode != "sync":
                 raise PSError("FAILED_PRECONDITION", "sync rounds on an async server")
+            self._check_job(request.job_id)
+            if self.options.shard_index == 0:
+                raise PSError("FAILED_PRECONDITION",
+                              "shard 0 decides rounds itself (CommitRound); ApplyRound is for the others")
             if len(members) != len(request.members) or len(members) != self.options.num_workers:
                 raise PSError("INVALID_ARGUMENT",
                               f"a round has {self.options.num_workers} distinct members, got "
                               f"{len(request.members)}")
+            self.signer.check(request.decision_mac, self.store.job_id, self.options.num_shards,
+                              request.round, decision)
             version = self.store.version
             if request.round < version:
                 known = self._decisions.get(request.round)
-                if known is not None and known != members:
+                if known is not None and known != decision:
                     raise PSError("FAILED_PRECONDITION",
                                   f"round {request.round} was applied here with other members")
                 return pb.PushResponse(version=version, step=self.store.step, duplicate=True)
-            if self.options.shard_index == 0:
-                raise PSError("FAILED_PRECONDITION",
-                              "shard 0 decides rounds itself (CommitRound); ApplyRound is for the others")
             if request.round > version:
                 raise PSError("FAILED_PRECONDITION",
                               f"shard behind: round {request.round}, but this shard is at round "
                               f"{version}; deliver the rounds in between first")
-            self._apply_round_locked(request.round, members)
+            self._apply_round_locked(request.round, decision)
             return pb.PushResponse(version=self.store.version, step=self.store.step)
 
     def _wal_append(self, version_before: int, request_ids: List[str], grads, **extra) -> None:
@@ -906,6 +1104,10 @@ class ShardService(pb_grpc.ParameterServerServicer):
     # -- Stats, checkpoints -------------------------------------------------------------------
     def Stats(self, request, context):
         with self._cond:
+            try:
+                self._check_job(request.job_id)
+            except PSError as err:
+                _abort(context, err)
             c, s, o = self.counters, self.store, self.options
             return pb.StatsResponse(
                 mode=o.mode, shard_index=o.shard_index, num_shards=o.num_shards,
@@ -921,6 +1123,11 @@ class ShardService(pb_grpc.ParameterServerServicer):
                 num_workers=o.num_workers, max_staleness=o.max_staleness)
 
     def SaveCheckpoint(self, request, context):
+        with self._cond:
+            try:
+                self._check_job(request.job_id)
+            except PSError as err:
+                _abort(context, err)
         if self.options.checkpoint_dir is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "this server runs without --checkpoint-dir")
@@ -929,7 +1136,10 @@ class ShardService(pb_grpc.ParameterServerServicer):
         if self.failed is not None:
             context.abort(grpc.StatusCode.INTERNAL, _bounded(
                 f"this server stopped serving ({self.failed}); restart it"))
-        path, version, digest = self.save_checkpoint()
+        try:
+            path, version, digest = self.save_checkpoint()
+        except OSError as err:
+            _abort(context, _unavailable_on_disk_error(err, "writing the checkpoint"))
         return pb.SaveCheckpointResponse(path=str(path), version=version, sha256=digest)
 
     def save_checkpoint(self) -> Tuple[Optional[Path], int, str]:
@@ -945,11 +1155,17 @@ class ShardService(pb_grpc.ParameterServerServicer):
             with self.metrics.checkpoint_seconds.time():
                 return self._write_checkpoint(meta, arrays)
 
+    def _checkpoint_facts(self, placement: dict) -> dict:
+        """What a checkpoint holds beside the store's state."""
+        return dict(shard_index=self.options.shard_index, num_shards=self.options.num_shards,
+                    placement=placement, dedup=list(self._dedup.items())[-10_000:],
+                    decisions=[[r, *d.to_json()] for r, d in
+                               list(self._decisions.items())[-_DECISIONS_KEPT:]],
+                    workers=self.workers.ids())
+
     def _export_locked(self) -> Tuple[dict, dict]:
         meta, arrays = self.store.export_state()
-        meta.update(shard_index=self.options.shard_index, num_shards=self.options.num_shards,
-                    placement=self.placement, dedup=list(self._dedup.items())[-10_000:],
-                    decisions=[[r, m] for r, m in list(self._decisions.items())[-_DECISIONS_KEPT:]])
+        meta.update(self._checkpoint_facts(self.placement))
         if self.wal is not None:  # later records go to a segment that starts here
             self.wal.start_segment(self.store.version)
             meta["wal_segment"] = self.wal.seq

@@ -293,6 +293,12 @@ class ByteBudget:
         with self._lock:
             self.used -= nbytes
 
+    def hold(self, nbytes: int) -> None:
+        """Count ``nbytes`` that are already in memory (staged pushes replayed from the log),
+        over the limit if need be: new calls then wait for them to go."""
+        with self._lock:
+            self.used += nbytes
+
 
 def declared_nbytes(name: str, dtype: np.dtype, shape: Tuple[int, ...]) -> int:
     """Bytes a (dtype, shape) declares, computed without overflow; WireError beyond int64."""
