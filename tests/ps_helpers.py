@@ -1,7 +1,9 @@
 """Real `radam-ps serve` processes on loopback for the parameter-server tests.
 
 Each server runs in its own process group (so a test can SIGKILL it, and teardown never leaves
-one behind), binds port 0 and reports the port through --port-file.
+one behind), binds port 0 and reports the port through --port-file. ``wrapper`` runs the server
+under a command that execs it (``nsenter -t PID -m --``: inside another mount namespace), so the
+process the test kills is still the server itself.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 class ServerProcess:
     def __init__(self, workdir: Path, args: List[str], env: Optional[dict] = None,
-                 name: str = "ps", port: int = 0, host: str = "127.0.0.1"):
+                 name: str = "ps", port: int = 0, host: str = "127.0.0.1",
+                 wrapper: Optional[List[str]] = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.args = list(args)
         self.env = env
+        self.wrapper = list(wrapper or [])  # prepended to the argv; it must exec the server
         self.name = name
         self.host = host
         self.port = port
@@ -41,7 +45,7 @@ class ServerProcess:
         env.update(self.env or {})
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "radam_dist.ps.cli", "serve", "--host", self.host,
+            [*self.wrapper, sys.executable, "-m", "radam_dist.ps.cli", "serve", "--host", self.host,
              "--port", str(self.port), "--port-file", str(port_file), *self.args],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

@@ -465,6 +465,8 @@ def test_shard_command_line_serves_and_its_probe_passes(tmp_path):
                          ("client.key", "client.key")):
         shutil.copy(pki / source, secrets / "tls" / name)
     (secrets / "token" / "token").write_text("token-for-the-manifest-test\n")
+    (secrets / "server-key").mkdir()
+    (secrets / "server-key" / "server-key").write_text("server-key-for-the-manifest-test\n")
 
     sts = yaml.safe_load((DEPLOY / "ps" / "k8s" / "statefulset.yaml").read_text())
     (shard,) = sts["spec"]["template"]["spec"]["containers"]

@@ -527,9 +527,11 @@ class ShardService(pb_grpc.ParameterServerServicer):
             refusal = PSError(err.code, str(err))
             refusal.header = header  # who sent it, for the log line
             raise refusal from err
-        except grpc.RpcError as err:  # the client went away mid-stream
+        except grpc.RpcError as err:  # the client went away mid-stream (or was cut off idle)
             assembler.release()
-            raise PSError("CANCELLED", f"stream interrupted: {err}") from err
+            refusal = PSError("CANCELLED", f"stream interrupted: {err}")
+            refusal.header = header  # who it was, for the log line
+            raise refusal from err
         except PSError as err:
             assembler.release()
             err.header = header
@@ -998,8 +1000,8 @@ class ShardService(pb_grpc.ParameterServerServicer):
         member skipped here or, by its own word, on another shard is left out everywhere)."""
         members = {w: r.request_id for w, r in sorted(self._ready.items())}
         skipped = frozenset(w for w, r in self._ready.items()
-                            if r.skipped or (w, r.request_id) in self._staged
-                            and self._staged[(w, r.request_id)].grads is None)
+                            if r.skipped or ((w, r.request_id) in self._staged
+                                             and self._staged[(w, r.request_id)].grads is None))
         try:
             self._apply_round_locked(round_, Decision(members, skipped))
             self.metrics.round_members_skipped.inc(len(skipped))
