@@ -9,7 +9,7 @@ push for round r on every shard (nothing is applied), then asks shard 0, the coo
 *commit*. Shard 0 commits the round once ``num_workers`` distinct workers have staged
 everywhere -- the decision, naming each member's staged push, is applied and logged on shard 0
 before any worker hears of it -- and the workers deliver it to the other shards
-(``ApplyRound``, idempotent). A round not complete ``sync_timeout`` seconds after a worker
+(``ApplyRound``, idempotent), which apply only what shard 0 signed (``rounds.DecisionSigner``). A round not complete ``sync_timeout`` seconds after a worker
 asked to commit is abandoned: nothing is applied on any shard. A one-shot ``Push`` in sync
 mode is the same protocol on a single shard.
 
