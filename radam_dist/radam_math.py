@@ -39,8 +39,10 @@ freely, and the update agrees with the plain path to round-off; the five multipl
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -90,6 +92,29 @@ def check_hyperparameters(beta_1: float, beta_2: float, total_steps, warmup_prop
         raise ValueError(f"total_steps must be a non-negative integer, got {total_steps!r}")
     if not 0.0 <= warmup_proportion <= 1.0:
         raise ValueError(f"warmup_proportion must be in [0, 1], got {warmup_proportion}")
+
+
+def check_rate(name: str, value, positive: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is finite and >= 0 (> 0 if ``positive``):
+    the parameter server's rule for learning rates, epsilon, min_lr and weight decay. A
+    schedule, a callable or a tensor is left alone (its values come later)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {value}")
+
+
+def check_lookahead_hyperparameters(sync_period, slow_step_size) -> None:
+    """ValueError naming the first of Lookahead's arguments that is out of range."""
+    if (isinstance(sync_period, bool) or not isinstance(sync_period, (int, float, np.number))
+            or not math.isfinite(sync_period) or int(sync_period) != sync_period
+            or sync_period < 1):
+        raise ValueError(f"sync_period must be a positive integer, got {sync_period!r}")
+    if (isinstance(slow_step_size, bool)
+            or not isinstance(slow_step_size, (int, float, np.number))
+            or not 0.0 <= slow_step_size <= 1.0):
+        raise ValueError(f"slow_step_size must be a number in [0, 1], got {slow_step_size!r}")
 
 
 def compute_dtype(var_dtype: tf.DType) -> tf.DType:

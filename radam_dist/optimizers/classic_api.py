@@ -177,8 +177,23 @@ class ClassicOptimizerAPI:
     # -- weights ----------------------------------------------------------------------------
     @property
     def weights(self) -> list:
-        """tfa's layout: the iteration count, then every slot in creation order."""
-        return [self.iterations] + self._slot_variables()
+        """tfa's layout: the iteration count, then every slot in creation order; then, where
+        Keras' base optimizer keeps state of its own, the EMA averages (``use_ema``) and the
+        gradient accumulators (``gradient_accumulation_steps``), so that ``set_weights``
+        restores the whole state."""
+        # The counter itself: with gradient_accumulation_steps `iterations` is a tensor
+        # (micro-steps // k) that neither restores the micro-step nor takes an assign.
+        return [self._iterations] + self._slot_variables() + self._keras_base_state()
+
+    def _keras_base_state(self) -> list:
+        """The variables Keras' base class made in ``build``: EMA averages, then gradient
+        accumulators (None entries, for ``overwrite_with_gradient`` variables, left out)."""
+        state = []
+        if self.use_ema:
+            state += list(self.__dict__.get("_model_variables_moving_average") or [])
+        if self.gradient_accumulation_steps:
+            state += list(self.__dict__.get("_accumulated_gradients") or [])
+        return [v for v in state if v is not None]
 
     def get_weights(self) -> List[np.ndarray]:
         """Values of ``weights`` as numpy arrays (a tfa optimizer's list loads here too)."""
@@ -211,6 +226,36 @@ class ClassicOptimizerAPI:
             values.append(weight)
         for target, weight in zip(targets, values):
             target.assign(weight.astype(np.dtype(getattr(target.dtype, "name", target.dtype))))
+
+    # -- lazy builds inside a traced step ---------------------------------------------------
+    def _refuse_build_inside_replica_step(self, sums_in_graph: bool) -> None:
+        """ValueError where ``build`` runs inside ``strategy.run`` in a tf.function under a
+        single-worker MirroredStrategy whose step uses Keras' all-reduce.
+
+        Only a wrapper builds us there: our own first ``apply`` builds eagerly
+        (``_build_eagerly``), but Keras' LossScaleOptimizer creates its own variables in the
+        traced step and then builds its inner optimizer. With Keras' all-reduce (clipnorm,
+        clipvalue, global_clipnorm, all_reduce_dtype, or a Keras optimizer) inside its
+        cross-replica cond, that step fails at run time on an uninitialised placeholder (Keras'
+        own Adam too); the in-graph sum of the default step is unaffected."""
+        from tensorflow.python.distribute import mirrored_strategy  # pylint: disable=import-outside-toplevel
+
+        if tf.executing_eagerly() or sums_in_graph or not tf.distribute.has_strategy():
+            return
+        if tf.distribute.in_cross_replica_context():
+            return
+        extended = tf.distribute.get_strategy().extended
+        if (type(extended) is not mirrored_strategy.MirroredExtended  # pylint: disable=unidiomatic-typecheck
+                or getattr(extended, "_is_multi_worker_training", False)):
+            return
+        raise ValueError(
+            f"{self.__class__.__name__} is being built inside a traced strategy.run step (by a "
+            "wrapper such as keras.optimizers.LossScaleOptimizer, which creates its variables "
+            "there); with clipnorm / clipvalue / global_clipnorm / all_reduce_dtype under "
+            "MirroredStrategy that step fails on an uninitialised placeholder. Build the "
+            "outermost optimizer first, inside strategy.scope(): "
+            "optimizer.build(model.trainable_variables) (model.fit does this)"
+        )
 
     # -- tf.keras's `lr` -------------------------------------------------------------------
     @property

@@ -22,9 +22,14 @@ import keras
 import tensorflow as tf
 
 from radam_dist import fused, radam_math
-from radam_dist.distribute import state_layout
+from radam_dist.distribute import aggregation, state_layout
 from radam_dist.optimizers.classic_api import ClassicOptimizerAPI
-from radam_dist.optimizers.wrapper import ForwardsToInnerOptimizer, resolve_inner_optimizer
+from radam_dist.optimizers.wrapper import (
+    ForwardsToInnerOptimizer,
+    pop_inner_only_arguments,
+    resolve_inner_optimizer,
+    step_counter,
+)
 
 
 class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.Optimizer):
@@ -46,11 +51,11 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
     ):
         for key in ("is_legacy_optimizer", "jit_compile"):
             kwargs.pop(key, None)
+        # clipnorm, use_ema, loss_scale_factor, ... act in Keras' apply(), which Lookahead
+        # replaces: set them on the inner optimizer (refused here, never ignored).
+        pop_inner_only_arguments(kwargs, "Lookahead")
         optimizer = resolve_inner_optimizer(optimizer, "Lookahead")
-        if int(sync_period) != sync_period or sync_period < 1:
-            raise ValueError(f"sync_period must be a positive integer, got {sync_period!r}")
-        if not 0.0 <= slow_step_size <= 1.0:
-            raise ValueError(f"slow_step_size must be in [0, 1], got {slow_step_size}")
+        radam_math.check_lookahead_hyperparameters(sync_period, slow_step_size)
         super().__init__(learning_rate=0.0, name=name, **kwargs)
         # The step counter and the learning rate are the inner optimizer's; the base class's
         # own two stay unused (untracking them would make the list unsaveable by checkpoints).
@@ -75,11 +80,14 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
     def weights(self) -> list:
         """tfa's order: the step count, the slow weights, then the inner optimizer's slots."""
         inner = self.inner_optimizer
+        # The step counter itself (with gradient_accumulation_steps `iterations` is a
+        # tensor, micro-steps // k, which set_weights could not assign).
+        counter = step_counter(self)
         inner_slots = inner.weights[1:] if isinstance(inner, ClassicOptimizerAPI) else [
-            v for v in inner.variables if v is not inner.iterations
+            v for v in inner.variables if v is not counter
             and v is not getattr(inner, "_learning_rate", None)
         ]
-        return [self.iterations] + self._slot_variables() + inner_slots
+        return [counter] + self._slot_variables() + inner_slots
 
     def _logical_variables(self) -> list:
         """``variables`` with every slot whole (what ``.keras`` files hold)."""
@@ -123,6 +131,9 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
     def build(self, var_list):
         if self.built:
             return
+        inner = self.inner_optimizer
+        self._refuse_build_inside_replica_step(
+            hasattr(inner, "all_reduce_dtype") and aggregation.sums_in_graph(inner))
         var_list = self._state_layout.expand(var_list)  # PSS: one slot per shard, on its server
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
@@ -150,9 +161,45 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
                 inner._aggregate_gradients = previous
         after = tf.convert_to_tensor(self.iterations)
         sync = tf.logical_and(after > before, after % self.sync_period == 0)
-        variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
-        return self._state_layout.lookahead_sync(
+        # Variables with `overwrite_with_gradient` hold their gradient's value (Keras' rule:
+        # no optimizer touches them); the slow weights leave them alone.
+        synced = [v for v in trainable_variables if not self._overwrite_variable_with_gradient(v)]
+        variables = [v.value if isinstance(v, keras.Variable) else v for v in synced]
+        if not variables:
+            return None
+        result = self._state_layout.lookahead_sync(
             self, variables, sync, lambda: self._replicated_sync(variables, sync, after))
+        # The pull-back moved the weights after the inner step applied their constraints
+        # (a NonNeg kernel would go negative): apply them again on sync steps, as Keras
+        # applies them after every update.
+        constrained = [(v.value if isinstance(v, keras.Variable) else v, v.constraint)
+                       for v in synced if getattr(v, "constraint", None) is not None]
+        if constrained:
+            self._apply_constraints(constrained, sync)
+        return result
+
+    def _apply_constraints(self, constrained, sync) -> None:
+        """``var.assign(constraint(var))`` for each pair, on the steps where ``sync`` holds;
+        under a strategy in cross-replica context (one branch per copy, as the sync)."""
+
+        def constrain(var, constraint):
+            var.assign(constraint(tf.convert_to_tensor(var)))
+
+        def constrain_all():
+            for var, constraint in constrained:
+                constrain(var, constraint)
+
+        if not tf.distribute.has_strategy():
+            return _when(sync, constrain_all)
+
+        def cross_replica(distribution, sync):
+            for var, constraint in constrained:
+                distribution.extended.update(
+                    var, lambda copy, pred, c=constraint: _when(pred, lambda: constrain(copy, c)),
+                    args=(sync,), group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            cross_replica, self._distribution_strategy, sync)
 
     def _replicated_sync(self, variables, sync, after) -> None:
         one = radam_math.runtime_one(tf.cast(tf.maximum(after, 1), tf.float32))

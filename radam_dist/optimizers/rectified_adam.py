@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import keras
@@ -14,6 +15,9 @@ from radam_dist.distribute import aggregation, state_layout
 from radam_dist.optimizers.classic_api import ClassicOptimizerAPI, maybe_float
 
 Hyper = Union[float, keras.optimizers.schedules.LearningRateSchedule, Callable[[], Any]]
+
+# Optimizers (ids) whose EMA overwrite this thread's step defers to cross-replica context.
+_EMA_OVERWRITE_DEFERRED = threading.local()
 
 # Keys that tf.keras / tfa configs carry and Keras 3 does not know.
 _LEGACY_CONFIG_KEYS = ("is_legacy_optimizer", "jit_compile")
@@ -126,10 +130,19 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
             kwargs.pop(key, None)
         if kwargs.get("weight_decay") is not None:  # only reachable via **config
             weight_decay = kwargs.pop("weight_decay")
-        super().__init__(learning_rate=maybe_float(learning_rate), name=name, **kwargs)
+        # As the parameter server checks them (ps/optimizer_config.py), before anything is
+        # made: a value that would train to inf / NaN is refused, naming the argument.
+        # Schedules and callables are left to their calls; epsilon=0 (or None) stays tfa's
+        # "use keras.config.epsilon()".
         radam_math.check_hyperparameters(beta_1, beta_2, total_steps, warmup_proportion)
-        if decay < 0:
-            raise ValueError(f"decay must be >= 0, got {decay}")
+        for arg, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay),
+                           ("min_lr", min_lr), ("decay", decay)):
+            radam_math.check_rate(arg, value)
+        radam_math.check_rate("epsilon", epsilon or keras.config.epsilon(), positive=True)
+        if isinstance(sma_threshold, bool) or not isinstance(sma_threshold, (int, float, np.number)) \
+                or not np.isfinite(sma_threshold):
+            raise ValueError(f"sma_threshold must be a finite number, got {sma_threshold!r}")
+        super().__init__(learning_rate=maybe_float(learning_rate), name=name, **kwargs)
         self.beta_1 = float(beta_1)
         self.beta_2 = float(beta_2)
         self.epsilon = float(epsilon or keras.config.epsilon())
@@ -154,6 +167,7 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         self._has_weight_decay = callable(weight_decay) or weight_decay != 0.0
         self._aggregate_gradients = True
         self._init_slots()
+        self._refuse_keras_accumulation_under_mirrored(self._distribution_strategy)
 
     # -- hyperparameters ----------------------------------------------------------------------
     @property
@@ -168,6 +182,17 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
             warmup_proportion=self.warmup_proportion,
             min_lr=self.min_lr,
         )
+
+    @property
+    def learning_rate(self):
+        return self._get_current_learning_rate()
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        # Validated as in __init__ (ReduceLROnPlateau, `opt.lr = ...`): a bad value changes
+        # nothing.
+        radam_math.check_rate("learning_rate", value)
+        keras.optimizers.Optimizer.learning_rate.fset(self, value)
 
     @property
     def weight_decay(self):
@@ -186,13 +211,30 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
+        self._refuse_build_inside_replica_step(aggregation.sums_in_graph(self))
         var_list = self._state_layout.expand(var_list)  # PSS: one slot per shard, on its server
         super().build(var_list)
         slot_names = self._SLOT_NAMES + (("vhat",) if self.amsgrad else ())
         self._state_layout.build_slots(self, var_list, slot_names)
         aggregation.build_gate_state(self, var_list)  # accumulators, skip counter
 
+    def _refuse_keras_accumulation_under_mirrored(self, strategy) -> None:
+        """Keras' ``gradient_accumulation_steps`` puts the update (a merge_call) in a
+        replica-context cond, which MirroredStrategy / MWMS refuse in a tf.function:
+        refused up front, naming what works there."""
+        from tensorflow.python.distribute import mirrored_strategy  # pylint: disable=import-outside-toplevel
+
+        if self.gradient_accumulation_steps and isinstance(
+                getattr(strategy, "extended", None), mirrored_strategy.MirroredExtended):
+            raise ValueError(
+                "Keras' gradient_accumulation_steps does not run under MirroredStrategy / "
+                "MultiWorkerMirroredStrategy (its update sits in a replica-context cond): use "
+                f"RectifiedAdam(accumulation_steps={self.gradient_accumulation_steps}) instead, "
+                "the same mean-of-micro-batches step, which works under tf.distribute")
+
     def apply(self, grads, trainable_variables=None):
+        if self.gradient_accumulation_steps and tf.distribute.has_strategy():
+            self._refuse_keras_accumulation_under_mirrored(tf.distribute.get_strategy())
         if trainable_variables is not None:
             grads, trainable_variables = self._state_layout.split(grads, trainable_variables)
             self._build_eagerly(trainable_variables)
@@ -337,8 +379,42 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         self._update_variable(var, gradient, {dtype.name: self.step_scalars(learning_rate, dtype)})
 
     def _backend_apply_gradients(self, grads, trainable_variables):
-        return self._state_layout.apply_gradients(
-            self, grads, trainable_variables, super()._backend_apply_gradients)
+        frequency = self.ema_overwrite_frequency if self.use_ema else None
+        if not frequency or not tf.distribute.has_strategy() or (
+                tf.distribute.in_cross_replica_context()):
+            return self._state_layout.apply_gradients(
+                self, grads, trainable_variables, super()._backend_apply_gradients)
+        # Keras overwrites the variables with their averages inside a cond in replica
+        # context, and the overwrite (extended.update) calls merge_call there, which
+        # MirroredStrategy / MWMS refuse in a tf.function. The same step with the decision
+        # taken in cross-replica context (one merge_call, as the update's own). The replicas
+        # run in threads of their own: what is deferred is marked per thread.
+        should_overwrite = tf.equal((self.iterations + 1) % frequency, 0)
+        deferred = _EMA_OVERWRITE_DEFERRED.__dict__.setdefault("ids", set())
+        deferred.add(id(self))
+        try:
+            result = self._state_layout.apply_gradients(
+                self, grads, trainable_variables, super()._backend_apply_gradients)
+        finally:
+            deferred.discard(id(self))
+
+        def overwrite(distribution, should_overwrite):
+            def run():
+                keras.optimizers.Optimizer._overwrite_model_variables_with_average_value(
+                    self, self._trainable_variables)
+                return tf.constant(True)
+
+            tf.cond(fused.local_value(distribution, should_overwrite, 0), run,
+                    lambda: tf.constant(False))
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            overwrite, self._distribution_strategy, should_overwrite)
+        return result
+
+    def _overwrite_model_variables_with_average_value(self, trainable_variables):
+        if id(self) in _EMA_OVERWRITE_DEFERRED.__dict__.get("ids", ()):
+            return  # inside Keras' replica-context cond: the step's merge_call does it
+        super()._overwrite_model_variables_with_average_value(trainable_variables)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         """Keras' float32 cross-replica sum, or the compressed one (``all_reduce_dtype``)."""

@@ -14,6 +14,36 @@ import keras
 from radam_dist.optimizers.classic_api import ClassicOptimizerAPI
 
 
+# Keras' base-optimizer arguments that act in the base class's apply(), which a wrapper
+# replaces: given to the wrapper they would be silently ignored. Their defaults (as a
+# config may carry them); anything else is refused, as Keras' LossScaleOptimizer does.
+_INNER_ONLY_ARGUMENTS = {
+    "weight_decay": None,
+    "clipnorm": None,
+    "global_clipnorm": None,
+    "clipvalue": None,
+    "use_ema": False,
+    "ema_momentum": 0.99,
+    "ema_overwrite_frequency": None,
+    "loss_scale_factor": None,
+    "gradient_accumulation_steps": None,
+}
+
+
+def pop_inner_only_arguments(kwargs: dict, wrapper: str) -> None:
+    """Remove the base-optimizer arguments from ``kwargs``; ValueError for one that is set."""
+    for name, default in _INNER_ONLY_ARGUMENTS.items():
+        if name not in kwargs:
+            continue
+        value = kwargs.pop(name)
+        if value is None or value is default or (default is not None and value == default):
+            continue
+        raise ValueError(
+            f"{wrapper} does not apply `{name}` itself (got {name}={value!r}): set it on the "
+            f"inner optimizer instead, e.g. {wrapper}(RectifiedAdam(..., {name}={value!r}))"
+        )
+
+
 def resolve_inner_optimizer(
     optimizer: Union[keras.optimizers.Optimizer, str, dict], wrapper: str
 ) -> keras.optimizers.Optimizer:
@@ -30,6 +60,15 @@ def resolve_inner_optimizer(
             f"{type(optimizer).__name__}. tf.keras / tfa optimizers do not run on Keras 3."
         )
     return optimizer
+
+
+def step_counter(optimizer):
+    """The variable that counts ``optimizer``'s steps: a wrapper's is its inner optimizer's;
+    with Keras' ``gradient_accumulation_steps`` it counts micro-steps (``iterations`` is then
+    a tensor, micro-steps // k)."""
+    while isinstance(optimizer, ForwardsToInnerOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer._iterations
 
 
 class ForwardsToInnerOptimizer:
@@ -52,6 +91,20 @@ class ForwardsToInnerOptimizer:
     # tf.keras's `lr`, through the forwarded learning_rate above (Horovod's DistributedOptimizer
     # has no ClassicOptimizerAPI of its own).
     lr = ClassicOptimizerAPI.lr
+
+    @property
+    def loss_scale_factor(self):
+        """The inner optimizer's: it unscales the gradients and ``scale_loss`` scales by it,
+        so ``LossScaleOptimizer``, which switches off its inner optimizer's factor, reaches
+        the one that applies it (else the gradients would be divided twice)."""
+        inner = self.__dict__.get("inner_optimizer")
+        return None if inner is None else inner.loss_scale_factor
+
+    @loss_scale_factor.setter
+    def loss_scale_factor(self, value):
+        # Keras' base __init__ sets None before the inner optimizer exists.
+        if "inner_optimizer" in self.__dict__:
+            self.inner_optimizer.loss_scale_factor = value
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
