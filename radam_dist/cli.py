@@ -38,13 +38,20 @@ def _launch(args: argparse.Namespace) -> int:
         args.parser.error("--max-restarts must be >= 0")
     if args.grace < 0 or args.stop_grace < 0:
         args.parser.error("--grace and --stop-grace must be >= 0")
+    if args.peer_timeout is not None and not args.peer_timeout >= 0:
+        args.parser.error("--peer-timeout must be >= 0 seconds (0: wait forever)")
     placements = _placements(args.parser, args.netns)
+    import os
+
     from radam_dist.distribute.launcher import LocalCluster
 
+    env = dict(os.environ)
+    if args.peer_timeout is not None:
+        env["RADAM_DIST_PEER_TIMEOUT"] = f"{args.peer_timeout:g}"
     try:
         cluster = LocalCluster(command, workers=args.workers, ps=args.ps, host=args.host,
                                grace_seconds=args.grace, stop_grace_seconds=args.stop_grace,
-                               max_restarts=args.max_restarts, placements=placements)
+                               max_restarts=args.max_restarts, placements=placements, env=env)
     except (ValueError, OSError) as err:
         args.parser.error(str(err))
     return cluster.run()
@@ -70,6 +77,7 @@ environment of every task:
   RADAM_DIST_TASK           this task, e.g. worker:1
   RADAM_DIST_RESTART        0 on the first attempt, k on restart k
   RADAM_DIST_MAX_RESTARTS   the --max-restarts value
+  RADAM_DIST_PEER_TIMEOUT   the --peer-timeout value, when given (else inherited; unset: 600)
 
 Every task runs in its own process group under a supervisor: what a task starts is stopped
 with it, and everything stops when the launcher dies, even by SIGKILL. On a restart the ports
@@ -115,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after Ctrl-C / SIGTERM to the launcher: time the tasks get to "
                              "checkpoint before SIGKILL; Ctrl-C again kills at once "
                              "(default: %(default)s)")
+    launch.add_argument("--peer-timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long strategy_from_environment() / wait_for_peers() in each "
+                             "task waits for the other tasks before it fails "
+                             "(RADAM_DIST_PEER_TIMEOUT; default 600; 0: forever)")
     launch.add_argument("--netns", action="append", metavar="TASK=NAMESPACE@ADDRESS",
                         help="run TASK (e.g. worker:1) inside network namespace NAMESPACE "
                              "(`ip netns add`), reachable at ADDRESS; repeat per task (root)")

@@ -17,6 +17,8 @@ from radam_dist.distribute.cluster import (
     serve_if_pss_worker_or_ps,
     strategy_from_environment,
     tf_config,
+    PeersMissingError,
+    wait_for_peers,
 )
 from radam_dist.distribute.launcher import LocalCluster, launch
 
@@ -52,4 +54,6 @@ __all__ = [
     "serve_if_pss_worker_or_ps",
     "strategy_from_environment",
     "tf_config",
+    "PeersMissingError",
+    "wait_for_peers",
 ]

@@ -10,11 +10,13 @@ Importing this package is cheap; ``PSClient`` and the Keras integration load on 
 from __future__ import annotations
 
 __all__ = ["PSClient", "PSError", "StaleGradientError", "RoundIncompleteError", "DataLossError",
+           "PSConfigError", "AuthenticationError", "TLSMismatchError", "OptimizerConfigError",
            "ParameterServerOptimizer"]
 
 
 def __getattr__(name):
-    if name in ("PSClient", "StaleGradientError", "RoundIncompleteError", "DataLossError"):
+    if name in ("PSClient", "StaleGradientError", "RoundIncompleteError", "DataLossError",
+                "PSConfigError", "AuthenticationError", "TLSMismatchError", "OptimizerConfigError"):
         from radam_dist.ps import client
 
         return getattr(client, name)

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -99,7 +100,8 @@ def _serve_parser(sub) -> None:
 def _stats_parser(sub) -> None:
     p = sub.add_parser("stats", help="print a shard's statistics as JSON")
     p.add_argument("target", help="host:port")
-    p.add_argument("--token-file")
+    p.add_argument("--token-file", help="the servers' bearer token (needed when they run with one)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds (default: %(default)s)")
     p.add_argument("--job-id", default="", help="the job the shard holds (as PSClient(job_id=...))")
     p.add_argument("--tls-ca", help="CA of the server certificate (enables TLS)")
     p.add_argument("--tls-cert", help="client certificate (PEM), for a server with --tls-client-ca")
@@ -206,7 +208,14 @@ def serve(parser, args) -> int:
             check_port_free(args.host, args.metrics_port, "--metrics-port")
     except ValueError as err:
         return _refuse(err)
-    import os
+    if args.checkpoint_dir:  # an unusable directory is named now, not after the TensorFlow import
+        try:
+            Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            if not os.access(args.checkpoint_dir, os.W_OK | os.X_OK):
+                raise PermissionError(13, "permission denied")
+        except OSError as err:
+            return _refuse(RuntimeError(f"--checkpoint-dir {args.checkpoint_dir}: cannot create or "
+                                        f"write it ({err.strerror or err})"))
 
     from radam_dist.ps.auth import load_token
     from radam_dist.ps.rounds import load_server_key
@@ -285,17 +294,36 @@ def _disk_error(err: OSError, directory: Optional[Path]) -> Exception:
                         "space or give --checkpoint-dir a larger volume")
 
 
-def stats(args) -> int:
-    from radam_dist.ps.client import PSClient
-
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
+def stats(parser, args) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("radam-ps stats: --tls-cert and --tls-key go together")
+        parser.error("--tls-cert and --tls-key go together")
+    from radam_dist.ps.auth import load_token
+
+    try:
+        token = load_token(args.token_file)  # else $RADAM_PS_TOKEN
+    except (OSError, ValueError) as err:
+        parser.error(f"--token-file: {err}")
+    for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
+                       ("--tls-key", args.tls_key)):
+        if path and not Path(path).is_file():
+            parser.error(f"{flag} {path}: no such file")
+    import grpc
+
+    from radam_dist.ps.client import PSClient, PSConfigError  # grpc only, no TensorFlow
+
     client = PSClient([args.target], token=token, job_id=args.job_id, root_certificates=args.tls_ca,
                       client_cert=args.tls_cert, client_key=args.tls_key,
-                      server_name_override=args.tls_server_name, retry_timeout=0)
+                      server_name_override=args.tls_server_name, retry_timeout=0,
+                      call_timeout=args.timeout)
     try:
         print(json.dumps(client.stats()[0], indent=2, sort_keys=True))
+    except PSConfigError as err:
+        print(f"radam-ps stats: {err.cli_message}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as err:
+        details = (err.details() or "").splitlines()[0] if hasattr(err, "details") else str(err)
+        print(f"radam-ps stats: {args.target}: {err.code().name}: {details}", file=sys.stderr)
+        return 1
     finally:
         client.close()
     return 0
@@ -315,7 +343,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from radam_dist.ps.health_probe import main as health
 
         return health(args)
-    return stats(args)
+    return stats(parser, args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import socket
+import ssl
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +25,6 @@ import grpc
 import numpy as np
 
 from radam_dist.ps import placement as placement_mod
-from radam_dist.ps.optimizer_config import to_config
 from radam_dist.ps.proto import pb, pb_grpc
 from radam_dist.ps.transport import KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S, keepalive_options
 from radam_dist.ps.tensors import (DEFAULT_CHUNK_BYTES, BufferPool, TensorAssembler, TimedStream,
@@ -54,6 +56,77 @@ class StaleGradientError(RuntimeError):
     already applied or abandoned. (A push based on a version the server no longer has raises
     ``DataLossError``.)
     """
+
+
+class PSConfigError(grpc.RpcError):
+    """A call no retry can fix: the token, or TLS on one side only. ``str()`` is one line naming
+    the ``PSClient`` argument to fix; ``cli_message`` names the ``radam-ps`` flag instead. Still a
+    ``grpc.RpcError``: ``code()`` and ``details()`` are the gRPC status."""
+
+    def __init__(self, problem: str, fix: str, cli_fix: str, code, details: str):
+        super().__init__(f"{problem}: {fix}")
+        self.problem, self.fix, self.cli_fix = problem, fix, cli_fix
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    @property
+    def cli_message(self) -> str:
+        return f"{self.problem}: {self.cli_fix}"
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class AuthenticationError(PSConfigError):
+    """The shard refused the bearer token (UNAUTHENTICATED): missing or wrong ``token``."""
+
+
+class TLSMismatchError(PSConfigError):
+    """The TLS handshake cannot succeed: TLS on one side only, or certificates that do not fit."""
+
+
+class OptimizerConfigError(PSConfigError, ValueError):
+    """``register`` refused the optimizer config before sending anything (the check the servers
+    make): a ValueError, and a ``grpc.RpcError`` with ``INVALID_ARGUMENT`` as the server's
+    refusal would be."""
+
+
+def _speaks_tls(target: str, timeout: float = 2.0) -> bool:
+    """Whether ``host:port`` answers a TLS ClientHello (certificates not checked)."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return False
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=None, do_handshake_on_connect=False) as s:
+                s.do_handshake()
+                return True
+    except ssl.SSLError as err:  # a TLS server that wants a client certificate is still TLS
+        return "ALERT" in str(err).upper() or "CERTIFICATE" in str(err).upper()
+    except OSError:
+        return False
+
+
+def _message_to_dict(message) -> dict:
+    """``MessageToDict`` with zeros and empty lists kept, on every protobuf the [ps] extra
+    takes: 5.26 renamed the switch (``including_default_value_fields``, which 4.x and 5.x
+    before 5.26 know, became ``always_print_fields_with_no_presence``)."""
+    from google.protobuf.json_format import MessageToDict
+
+    try:
+        return MessageToDict(message, preserving_proto_field_name=True,
+                             always_print_fields_with_no_presence=True)
+    except TypeError:  # protobuf < 5.26
+        return MessageToDict(message, preserving_proto_field_name=True,
+                             including_default_value_fields=True)
 
 
 def _read(path_or_bytes) -> Optional[bytes]:
@@ -160,7 +233,10 @@ class PSClient:
                        keepalive_time_s, keepalive_timeout_s, server=False)
         if server_name_override:
             options.append(("grpc.ssl_target_name_override", server_name_override))
-        if root_certificates is not None or client_cert is not None:
+        self._tls = root_certificates is not None or client_cert is not None
+        self._down_since: Dict[int, float] = {}  # shard -> when its outage began
+        self._outage_lock = threading.Lock()
+        if self._tls:
             credentials = grpc.ssl_channel_credentials(
                 _read(root_certificates), _read(client_key), _read(client_cert))
             self._channels = [grpc.secure_channel(t, credentials, options) for t in self.targets]
@@ -195,20 +271,108 @@ class PSClient:
         self.close()
 
     def _call(self, shard: int, fn: Callable):
-        """Run ``fn(stub, kwargs)`` with retries while the shard is unavailable."""
+        """Run ``fn(stub, kwargs)`` with retries while the shard is unavailable. An outage is
+        logged (WARNING) once when it starts and once when it ends, with its length."""
         deadline = time.monotonic() + self.retry_timeout
         delay = 0.05
+        probed = False
         while True:
             try:
-                return fn(self._stubs[shard], dict(metadata=self._metadata, timeout=self.call_timeout))
+                result = fn(self._stubs[shard], dict(metadata=self._metadata, timeout=self.call_timeout))
             except grpc.RpcError as err:
-                code = err.code() if hasattr(err, "code") else None
-                if code not in RETRYABLE or time.monotonic() + delay > deadline:
+                if isinstance(err, PSConfigError):
                     raise
-                log.info("shard %d (%s) unavailable (%s); retrying in %.2fs", shard,
-                         self.targets[shard], err.details() if hasattr(err, "details") else err, delay)
+                code = err.code() if hasattr(err, "code") else None
+                details = (err.details() if hasattr(err, "details") else None) or ""
+                config_error = self._config_error(shard, code, details, probe=not probed)
+                probed = probed or code in RETRYABLE
+                if config_error is not None:
+                    raise config_error from err
+                if code not in RETRYABLE or time.monotonic() + delay > deadline:
+                    if code in RETRYABLE:
+                        self._outage(shard, details, giving_up=True)
+                    raise
+                self._outage(shard, details)
+                log.debug("shard %d (%s) unavailable (%s); retrying in %.2fs", shard,
+                          self.targets[shard], details, delay)
                 time.sleep(delay * (1 + random.random() * 0.2))
                 delay = min(delay * 2, 2.0)
+            else:
+                self._recovered(shard)
+                return result
+
+    def _outage(self, shard: int, details: str, giving_up: bool = False) -> None:
+        with self._outage_lock:
+            started = self._down_since.get(shard)
+            if started is None and giving_up:  # no retries (retry_timeout=0): the error says it
+                return
+            if started is None:
+                self._down_since[shard] = time.monotonic()
+                log.warning("shard %d (%s) unreachable (%s); retrying for up to %.0f s "
+                            "(PSClient(retry_timeout=...))", shard, self.targets[shard],
+                            details.splitlines()[0] if details else "UNAVAILABLE", self.retry_timeout)
+            elif giving_up:
+                log.error("shard %d (%s) still unreachable after %.1f s: giving up on this call",
+                          shard, self.targets[shard], time.monotonic() - started)
+
+    def _recovered(self, shard: int) -> None:
+        if shard not in self._down_since:  # no lock on the common path
+            return
+        with self._outage_lock:
+            started = self._down_since.pop(shard, None)
+        if started is not None:
+            log.warning("shard %d (%s) reachable again after an outage of %.1f s", shard,
+                        self.targets[shard], time.monotonic() - started)
+
+    def _config_error(self, shard: int, code, details: str, probe: bool) -> Optional[PSConfigError]:
+        """A PSConfigError for a refusal no retry can fix (token, TLS), else None."""
+        where = f"shard {shard} ({self.targets[shard]})"
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            if self._metadata:
+                return AuthenticationError(
+                    f"{where} refused the bearer token ({details})",
+                    "pass the token the servers were started with as PSClient(token=...)",
+                    "give the servers' token with --token-file FILE (or $RADAM_PS_TOKEN)", code, details)
+            return AuthenticationError(
+                f"{where} needs a bearer token and none was given ({details})",
+                "pass the servers' token as PSClient(token=...)",
+                "give the servers' token with --token-file FILE (or $RADAM_PS_TOKEN)", code, details)
+        if code not in RETRYABLE:
+            return None
+        text = details.upper()
+        if self._tls:
+            if "WRONG_VERSION_NUMBER" in text or ("HANDSHAKE" in text and probe
+                                                   and not _speaks_tls(self.targets[shard])):
+                return TLSMismatchError(
+                    f"{where} does not speak TLS (plaintext server), but this client uses TLS",
+                    "leave out root_certificates / client_cert, or start the server with "
+                    "--tls-cert/--tls-key", "leave out --tls-ca, or start the server with "
+                    "--tls-cert/--tls-key", code, details)
+            if "CERTIFICATE_REQUIRED" in text or "CERTIFICATE REQUIRED" in text:
+                return TLSMismatchError(
+                    f"{where} requires a client certificate (mutual TLS) ({details})",
+                    "pass client_cert and client_key (PEM bytes or file paths)",
+                    "give --tls-cert and --tls-key", code, details)
+            if "CERTIFICATE_VERIFY_FAILED" in text or "VERIFY" in text and "HANDSHAKE" in text:
+                return TLSMismatchError(
+                    f"{where}: TLS handshake failed, the server certificate did not verify "
+                    f"({details})", "pass the CA that signed it as root_certificates, and "
+                    "server_name_override when the target is a name the certificate does not "
+                    "list", "give that CA with --tls-ca, and --tls-server-name when needed",
+                    code, details)
+            if "HANDSHAKE" in text or "SSL" in text:
+                return TLSMismatchError(
+                    f"{where}: TLS handshake failed ({details})",
+                    "check root_certificates, client_cert / client_key and "
+                    "server_name_override", "check --tls-ca, --tls-cert/--tls-key and "
+                    "--tls-server-name", code, details)
+            return None
+        if probe and "REFUSED" not in text and _speaks_tls(self.targets[shard]):
+            return TLSMismatchError(
+                f"{where} speaks TLS, but this client connects in plaintext",
+                "pass root_certificates= (the CA certificate that signed the server's: PEM bytes "
+                "or a file path)", "give the CA certificate with --tls-ca FILE", code, details)
+        return None
 
     def _fan_out(self, shards: Iterable[int], fn: Callable[[int], object]) -> Dict[int, object]:
         shards = list(shards)
@@ -250,6 +414,15 @@ class PSClient:
         (FAILED_PRECONDITION). ``optimizer_config``: an optimizer, its Keras serialization or
         RectifiedAdam keyword arguments.
         """
+        from radam_dist.ps.errors import PSError  # keras / TensorFlow: only to register
+        from radam_dist.ps.optimizer_config import build_optimizer, to_config
+
+        try:  # a bad learning rate is named here, before any shard or placement question
+            build_optimizer(optimizer_config)
+        except PSError as err:
+            raise OptimizerConfigError(f"register: {err.message}", "fix the optimizer passed to "
+                                       "register", "fix the optimizer config", grpc.StatusCode.
+                                       INVALID_ARGUMENT, err.message) from None
         config_json = json.dumps(to_config(optimizer_config), sort_keys=True)
         values = {name: np.asarray(v) for name, v in initial_values.items()}
         self.placement = {
@@ -267,7 +440,8 @@ class PSClient:
                                       "total_rows": p.shape[0] if p.shape else 0}
         empty = [s for s, v in per_shard.items() if not v]
         if empty:
-            raise ValueError(f"shards {empty} would hold no variable; use fewer shards")
+            raise ValueError(f"shards {empty} would hold no variable ({len(values)} variable(s) "
+                             f"over {self.num_shards} shards): give PSClient fewer targets")
 
         def one(shard: int) -> int:
             def requests():
@@ -593,13 +767,10 @@ class PSClient:
 
     # -- stats, checkpoints -------------------------------------------------------------------
     def stats(self) -> List[dict]:
-        from google.protobuf.json_format import MessageToDict
-
         def one(shard: int) -> dict:
             response = self._call(shard, lambda stub, kw: stub.Stats(
                 pb.StatsRequest(job_id=self.job_id), **kw))
-            d = MessageToDict(response, preserving_proto_field_name=True,
-                              always_print_fields_with_no_presence=True)
+            d = _message_to_dict(response)
             for key, value in list(d.items()):  # int64 arrive as strings in JSON mapping
                 if isinstance(value, str) and value.lstrip("-").isdigit() and key != "mode":
                     d[key] = int(value)
