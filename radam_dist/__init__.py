@@ -24,11 +24,13 @@ from radam_dist import _requirements
 
 __version__ = "0.1.0"
 
-__all__ = ["EffectiveLearningRate", "Lookahead", "RectifiedAdam", "__version__"]
+__all__ = ["EffectiveLearningRate", "Lookahead", "ModelCheckpoint", "RectifiedAdam",
+           "__version__"]
 
 _EXPORTS = {
     "EffectiveLearningRate": "radam_dist.callbacks",
     "Lookahead": "radam_dist.optimizers",
+    "ModelCheckpoint": "radam_dist.callbacks",
     "RectifiedAdam": "radam_dist.optimizers",
 }
 _SUBPACKAGES = ("callbacks", "distribute", "horovod", "optimizers", "ps", "radam_math", "fused",

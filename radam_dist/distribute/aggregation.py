@@ -258,9 +258,35 @@ def build_gate_state(optimizer, variables: Sequence) -> None:
     )
     optimizer._accumulators = []
     if optimizer.accumulation_steps > 1:
-        optimizer._accumulators = [
-            optimizer.add_variable_from_reference(v, name="accumulator") for v in variables
-        ]
+        optimizer._accumulators = [_add_accumulator(optimizer, v) for v in variables]
+
+
+def _add_accumulator(optimizer, variable):
+    """One micro-batch accumulator like ``variable``.
+
+    Each replica sums its own micro-batches into its copy. Under MirroredStrategy / MWMS the
+    accumulator is a sync-on-read variable with SUM aggregation: in replica context (the
+    step) each replica reads and updates its own copy, as before, but read from outside (a
+    checkpoint, ``.keras`` / ``save_weights``, ``get_weights``) it is the sum over the
+    replicas, and assigned from outside (a restore) each replica gets 1/N of the value. A
+    checkpoint taken in the middle of an accumulation so holds every replica's partial sums,
+    not only the first replica's, and restores with any number of replicas (their sum is
+    what the next step applies). Under MWMS that read is a collective: every worker saves.
+    """
+    from radam_dist.distribute import zero  # imported here: zero imports this module
+
+    strategy = getattr(optimizer, "_distribution_strategy", None)
+    if strategy is None or not zero.supports(strategy):
+        return optimizer.add_variable_from_reference(variable, name="accumulator")
+    name = f"{variable.path.replace('/', '_')}_accumulator" if hasattr(variable, "path") \
+        else f"{str(variable.name).replace('/', '_').replace(':', '_')}_accumulator"
+    with keras.name_scope(optimizer.name, caller=optimizer):
+        accumulator = keras.Variable(
+            initializer=keras.initializers.get("zeros"), shape=variable.shape,
+            dtype=variable.dtype, trainable=False, aggregation="sum",
+            synchronization="on_read", name=name)
+    optimizer._track_variable(accumulator)
+    return accumulator
 
 
 def _tf(variable):

@@ -112,7 +112,10 @@ class StateLayout:
 
     # -- tf.train.Checkpoint ----------------------------------------------------------------
     def checkpoint_children(self, optimizer, children: dict) -> dict:
-        """The optimizer's checkpoint dependencies (``Replicated``: Keras' own)."""
+        """The optimizer's checkpoint dependencies (``Replicated``: Keras' own). Every layout
+        calls this first: it makes a checkpoint of radam_dist's earlier ZeRO layout fail with
+        ``OldZeroCheckpoint`` as it is restored (``_refuse_old_zero_layout``)."""
+        _refuse_old_zero_layout(optimizer)
         return children
 
     def local_state_bytes(self, optimizer) -> int:
@@ -127,6 +130,57 @@ class StateLayout:
 
 
 Replicated = StateLayout
+
+# -- checkpoints of the earlier ZeRO layout ----------------------------------------------------
+# Before the state layouts, ZeRO-1 checkpointed m / v (and Lookahead's slow weights) under a
+# child ``sharded_state`` of the optimizer, and left them out of Keras' variable list. Restored
+# now, TensorFlow would find no ``sharded_state`` (so keep m and v at zero, with only its
+# "Value in checkpoint could not be found" warning) and give the list's later entries to the
+# slots' positions. TensorFlow files a checkpoint's child that the object does not have among
+# the object's deferred dependencies; the optimizer's table of those refuses this one.
+OLD_ZERO_CHILD = "sharded_state"
+
+
+class OldZeroCheckpoint(ValueError):
+    """A checkpoint of radam_dist's ZeRO-1 from before the state layouts."""
+
+
+OLD_ZERO_MESSAGE = (
+    "this checkpoint holds the optimizer state of {name!r} in radam_dist's earlier ZeRO-1 "
+    "layout (m / v / slow weights under 'sharded_state', written before the state layouts): "
+    "this version cannot restore it (m and v would stay at zero and the optimizer's other "
+    "variables would land in the slots' places). Restore the model alone "
+    "(tf.train.Checkpoint(model=model).restore(path).expect_partial()) and let the optimizer "
+    "start afresh."
+)
+
+
+class _RefusingDeferred(dict):
+    """An optimizer's deferred checkpoint dependencies that refuse the earlier ZeRO layout."""
+
+    def __init__(self, name, *args):
+        super().__init__(*args)
+        self.optimizer_name = name
+
+    def _check(self, key):
+        if key == OLD_ZERO_CHILD:
+            raise OldZeroCheckpoint(OLD_ZERO_MESSAGE.format(name=self.optimizer_name))
+
+    def setdefault(self, key, default=None):
+        self._check(key)
+        return super().setdefault(key, default)
+
+    def __setitem__(self, key, value):
+        self._check(key)
+        super().__setitem__(key, value)
+
+
+def _refuse_old_zero_layout(optimizer) -> None:
+    optimizer._maybe_initialize_trackable()
+    table = getattr(optimizer, "_self_unconditional_deferred_dependencies", None)
+    if isinstance(table, dict) and not isinstance(table, _RefusingDeferred):
+        object.__setattr__(optimizer, "_self_unconditional_deferred_dependencies",
+                           _RefusingDeferred(getattr(optimizer, "name", "optimizer"), table))
 
 
 def for_optimizer(optimizer, shard_state: bool) -> StateLayout:

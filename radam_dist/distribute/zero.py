@@ -41,7 +41,7 @@ import tensorflow as tf
 from tensorflow.python.ops import collective_ops
 
 from radam_dist import fused, radam_math
-from radam_dist.distribute import aggregation
+from radam_dist.distribute import aggregation, collective_reads
 from radam_dist.distribute.state_layout import StateLayout
 
 _VARIABLE_VALUE = "VARIABLE_VALUE"  # the checkpoint key of a tf.Variable's value
@@ -123,7 +123,9 @@ class ShardedState:
         shards = self._shards[variable_index]
         slot = shards.slots[name]
         if self._strategy.extended._in_multi_worker_mode():
-            chunks = self._strategy.gather(slot, axis=0)  # collective: every worker gathers
+            # a collective: every worker must gather (refused at once where one does not)
+            collective_reads.before_read(self._strategy, f"{slot.name} ({name})")
+            chunks = self._strategy.gather(slot, axis=0)
         else:  # all replicas are local: concatenate their copies, no collective needed
             chunks = tf.concat([tf.convert_to_tensor(c) for c in _local_copies(slot)], axis=0)
         return shards.unpadded(chunks)
@@ -271,6 +273,7 @@ class ReplicaSharded(StateLayout):
         if getattr(optimizer, "use_ema", False):
             raise ValueError("shard_optimizer_state=True does not support use_ema")
         state = ShardedState(optimizer, variables, slot_names)
+        collective_reads.start_watchdog(state._strategy)  # MWMS: every worker must save
         if start_at_variables:  # each replica's chunk starts at its rows of the variable
             for index, variable in enumerate(variables):
                 for name in slot_names:
@@ -309,6 +312,7 @@ class ReplicaSharded(StateLayout):
         return own[: self._insert_at] + self.slot_entries(optimizer) + own[self._insert_at:]
 
     def checkpoint_children(self, optimizer, children):
+        children = super().checkpoint_children(optimizer, children)
         if self.state is None:
             return children
         children = dict(children)
