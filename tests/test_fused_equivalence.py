@@ -11,6 +11,8 @@ contracts the whole step as it likes, to round-off.
 
 from __future__ import annotations
 
+import re
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -267,8 +269,11 @@ def test_xla_does_not_contract_products_into_fmas(weight_decay):
 def test_the_update_order_survives_xla_and_changes_no_bit():
     """``fused._after`` orders the chunk's updates through a data dependency: it must be
     the identity on every float (signed zeros, infinities, NaN, subnormals, in every dtype
-    the fast path takes), and XLA must keep the shifts that carry the dependency; if a
-    later XLA folds them, the order (and the speed it buys, bench/fused_order.py) is gone."""
+    the fast path takes), and XLA must keep the dependency: the compiled result must still be
+    computed from ``previous``. If an XLA folds the shifts away, the order (and the speed it
+    buys, bench/fused_order.py) is gone. This checks what XLA keeps, the data flow from the
+    ``previous`` parameter to the result, not how many ops it spends on it (TF 2.19's XLA keeps
+    6 shifts, 2.21's 2: issue 24)."""
     special = [-0.0, 0.0, np.inf, -np.inf, np.nan, 1e-45, -3.5, 65504.0]
     for dtype in (tf.float16, tf.bfloat16, tf.float32, tf.float64):
         tensor = tf.cast(tf.constant(special, tf.float64), dtype)
@@ -280,7 +285,36 @@ def test_the_update_order_survives_xla_and_changes_no_bit():
             np.testing.assert_array_equal(tf.bitcast(out, bits), tf.bitcast(tensor, bits),
                                           err_msg=f"{dtype.name}, previous {first}")
     hlo = after.experimental_get_compiler_ir(tensor)(stage="optimized_hlo")
-    assert hlo.count("shift-right-logical") == 2, hlo
+    assert _entry_result_reads(hlo, "[3,2]"), hlo
+
+
+def _entry_result_reads(hlo: str, shape: str) -> bool:
+    """True when the ENTRY computation's ROOT depends on a parameter of ``shape`` (e.g. "[3,2]")
+    through its operands: whatever XLA fused or how many ops it kept, the data flow is there."""
+    entry = hlo.split("\nENTRY ", 1)[1].split("\n}", 1)[0].splitlines()[1:]
+    ident = r"%?([\w.\-]+)"
+    operands, root, wanted = {}, None, set()
+    for line in entry:
+        match = re.match(r"\s*(ROOT\s+)?" + ident + r"\s*=\s*(.*)$", line)
+        if not match:
+            continue
+        name, rest = match.group(2), match.group(3)
+        if match.group(1):
+            root = name
+        call = re.search(r"\b[\w\-]+\((.*?)\)(?:,|$)", rest)
+        operands[name] = set(re.findall(ident, call.group(1))) if call else set()
+        if re.search(r"\bparameter\(\d+\)", rest) and shape in rest.split(" parameter(")[0]:
+            wanted.add(name)
+    assert root is not None and wanted, hlo
+    seen, todo = set(), [root]
+    while todo:
+        node = todo.pop()
+        if node in wanted:
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo.extend(operands.get(node, ()))
+    return False
 
 
 def test_large_variables_wait_for_the_previous_update_in_their_chunk(monkeypatch):

@@ -116,8 +116,27 @@ def test_declared_floors_match_the_import_checks():
 
     assert floor("keras") == req.MIN_KERAS
     assert floor("tensorflow-cpu") == floor("tensorflow[and-cuda]") == req.MIN_TENSORFLOW
-    assert floor("grpcio") == floor("grpcio-health-checking") == req.MIN_GRPCIO
+    assert floor("grpcio") == req.MIN_GRPCIO
+    assert floor("grpcio-health-checking") == req.MIN_GRPC_HEALTH_CHECKING
     assert floor("protobuf") == req.MIN_PROTOBUF
+    (protobuf,) = [d for d in deps if d.startswith("protobuf>=")]
+    assert protobuf.split(",")[1] == f"<{req.MAX_PROTOBUF_MAJOR + 1}"
+    python = project["requires-python"]
+    assert python == f">={req.MIN_PYTHON}", python
+    for minor in range(int(req.MIN_PYTHON.split(".")[1]), 14):
+        assert f"Programming Language :: Python :: 3.{minor}" in project["classifiers"]
+
+
+def test_generated_stubs_carry_no_version_guard(dists):
+    """protogen removes grpcio-tools' runtime guards (protobuf >= 7.35.1, grpcio >= 1.85.1), which
+    would refuse the protobuf 4 and 5 that TF 2.16-2.19 pin (issue 24)."""
+    _, wheel, _ = dists
+    with zipfile.ZipFile(wheel) as zf:
+        pb2 = zf.read("radam_dist/ps/_generated/ps_pb2.py").decode()
+        grpc_stubs = zf.read("radam_dist/ps/_generated/ps_pb2_grpc.py").decode()
+    assert "runtime_version" not in pb2 and "ValidateProtobufRuntimeVersion" not in pb2
+    assert "GRPC_GENERATED_VERSION" not in grpc_stubs and "raise RuntimeError" not in grpc_stubs
+    assert "AddSerializedFile" in pb2 and "class ParameterServerStub" in grpc_stubs
 
 
 USER_SCRIPT = textwrap.dedent("""
@@ -315,7 +334,9 @@ def test_build_pins_agree_and_the_image_installs_only_the_wheel():
     build_requires = dict(r.split("==") for r in pyproject["build-system"]["requires"] if "==" in r)
     assert build_requires["grpcio-tools"] == pins["grpcio-tools"] == pins["grpcio"]
     from radam_dist import _requirements as req
-    assert req.MIN_GRPCIO == pins["grpcio-tools"]
+    # The stubs carry no grpcio guard (protogen), so the floor may be below the generator.
+    assert req.at_least(pins["grpcio"], req.MIN_GRPCIO)
+    assert req.at_least(pins["protobuf"], req.MIN_PROTOBUF)
 
     dockerfile = (REPO / "deploy/ps/Dockerfile").read_text()
     runtime = dockerfile.split("\nFROM ")[-1]  # the last stage is the image
