@@ -4,7 +4,7 @@ venv beside that TensorFlow, tested from outside the checkout.
     make matrix                       # every pair (hours; one pair at a time)
     make matrix-ci                    # the CI diagonal: every TF minor and every Python once
     .venv/bin/nox -s "pair(3.12-2.18)"                       # one pair (.venv/bin/nox -l lists them)
-    MATRIX_TESTS=quick .venv/bin/nox -s ...                  # a shorter test subset
+    MATRIX_TESTS=quick .venv/bin/nox -s ...                  # a shorter test subset (ci: shorter still)
 
 What one pair does:
 1. the wheel is built once per nox run (``python -m build --wheel --no-isolation`` on a copy of the
@@ -64,13 +64,18 @@ GROUPS = {
     "ps": sorted(Path(p).name for p in glob.glob(str(REPO / "tests" / "test_ps_*.py"))
                  if not p.endswith("test_ps_protogen.py")),
 }
-# What CI's diagonal runs per pair (6 pairs have to fit .ci/run's 45 minutes beside `make test`'s
-# 15-17): the core API and serialization files (Keras and TF versions), MirroredStrategy, and the
-# PS files that cover the stubs, the wire and a Keras worker on this pair's protobuf and grpcio.
-# core + strategy + state + 4 PS files took 8.3 min of tests on one pair (a loaded 2-core box).
+# A shorter subset (MATRIX_TESTS=quick): the core API and serialization files (Keras and TF
+# versions), the tfa reference trajectories, MirroredStrategy, and the PS files that cover the
+# stubs, the wire and a Keras worker on the pair's protobuf and grpcio. About 3.2 min of tests
+# per pair with two pytest workers on the 2-core machine.
 QUICK = ["test_core_api.py", "test_core_serialization.py", "test_tfa_reference.py",
          "test_distribute_strategies.py::test_mirrored_two_logical_cpus",
          "test_ps_wire.py", "test_ps_keras.py"]
+# What CI's diagonal runs per pair (MATRIX_TESTS=ci): six pairs have to fit beside `make test`
+# in .ci/run, so the Keras API, .keras / checkpoint round trips, the tfa trajectories and the
+# stubs on the wire; QUICK's MirroredStrategy and Keras-worker tests are left to `make matrix`.
+CI = ["test_core_api.py", "test_core_serialization.py",
+      "test_tfa_reference.py::test_matches_tfa_trajectory", "test_ps_wire.py"]
 # The CI diagonal: every TF minor and every Python at least once (3.11 + 2.21 is `make test`'s).
 CI_DIAGONAL = [("3.10", "2.16"), ("3.11", "2.17"), ("3.12", "2.18"), ("3.10", "2.19"),
                ("3.12", "2.20"), ("3.13", "2.21")]
@@ -115,6 +120,8 @@ def test_files() -> list:
     choice = os.environ.get("MATRIX_TESTS", "all")
     if choice == "quick":
         return QUICK
+    if choice == "ci":
+        return CI
     if choice == "all":
         return [f for files in GROUPS.values() for f in files]
     return [f for group in choice.split(",") for f in (GROUPS.get(group) or [group])]
@@ -186,8 +193,8 @@ def pair(session: nox.Session, python: str, tf: str) -> None:
 
 @nox.session
 def diagonal(session: nox.Session) -> None:
-    """CI: CI_DIAGONAL's pairs one after another, MATRIX_TESTS=quick unless set; fails if any fails."""
-    os.environ.setdefault("MATRIX_TESTS", "quick")
+    """CI: CI_DIAGONAL's pairs one after another, MATRIX_TESTS=ci unless set; fails if any fails."""
+    os.environ.setdefault("MATRIX_TESTS", "ci")
     failed = []
     for python, tf in CI_DIAGONAL:
         try:

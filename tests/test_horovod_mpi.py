@@ -79,7 +79,9 @@ def test_mpirun_gives_the_weights_of_the_gloo_run(tmp_path):
     env = {"HOSTFILE": str(hosts), "MPIRUN_ARGS": "--tag-output -mca mpi_yield_when_idle 1"}
     mpi, log = _launch("run_mpirun.sh", tmp_path / "mpi", env)
     assert (gloo["controller"], mpi["controller"]) == ("gloo", "mpi")
-    assert "[1,0]<stdout>:" in log and "[1,1]<stderr>:" in log, log[-3000:]
+    # --tag-output reached mpirun (rank 1 ran too: its digest file is checked below; it has
+    # nothing to print since the one-pass kernel builds on this CPU and no longer warns)
+    assert "[1,0]<stdout>:" in log and "[1,0]<stderr>:" in log, log[-3000:]
     assert "LD_LIBRARY_PATH" not in log and "as root" not in log, log[-3000:]
     assert gloo["steps"] == mpi["steps"] == 8
     digests = {(tmp_path / run / f"digest.rank{r}").read_text()

@@ -6,6 +6,7 @@ job ids must match exactly; hyperparameters that would turn the parameters into 
 refused at registration.
 """
 
+import json
 import threading
 import time
 
@@ -61,13 +62,22 @@ def declared(name, role, dtype, shape, data=b"\0" * 16):
 @pytest.mark.timeout(120)
 def test_registration_is_validated(server):
     client = PSClient([server.target], retry_timeout=0)
-    for config, text in (({"learning_rate": float("nan")}, "learning_rate=nan"),
-                         ({"learning_rate": -0.1}, "learning_rate=-0.1"),
-                         ({"learning_rate": float("inf")}, "learning_rate=inf"),
-                         ({"beta_2": 1.0}, "beta_2 must be in [0.0, 1.0)"),
-                         ({"beta_1": -0.5}, "beta_1 must be in [0.0, 1.0)")):
+    stub = pb_grpc.ParameterServerStub(client._channels[0])
+    for config, text in (  # the servers build the optimizer, so RectifiedAdam's own checks
+            ({"learning_rate": float("nan")}, "learning_rate must be finite and >= 0, got nan"),
+            ({"learning_rate": -0.1}, "learning_rate must be finite and >= 0, got -0.1"),
+            ({"learning_rate": float("inf")}, "learning_rate must be finite and >= 0, got inf"),
+            ({"beta_2": 1.0}, "beta_2 must be in [0.0, 1.0)"),
+            ({"beta_1": -0.5}, "beta_1 must be in [0.0, 1.0)")):
+        # PSClient checks the config before it sends anything (the check the servers make) ...
         with pytest.raises(grpc.RpcError) as excinfo:
             client.register(VALUES, config)
+        assert rpc_code(excinfo) == "INVALID_ARGUMENT" and text in str(excinfo.value), \
+            str(excinfo.value)
+        # ... and the server refuses the same config from a client that does not check
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.Register(iter([pb.RegisterRequest(header=pb.RegisterHeader(
+                optimizer_config_json=json.dumps(config)))]))
         assert rpc_code(excinfo) == "INVALID_ARGUMENT" and text in excinfo.value.details(), \
             excinfo.value.details()
     assert client.stats()[0]["variables"] == []
@@ -77,7 +87,6 @@ def test_registration_is_validated(server):
         PSClient([server.target], retry_timeout=0, job_id="other-job").register(VALUES, {"learning_rate": 0.01})
     assert rpc_code(excinfo) == "FAILED_PRECONDITION" and "holds job ''" in excinfo.value.details()
     # a re-registration declaring a huge tensor is refused before it is allocated
-    stub = pb_grpc.ParameterServerStub(client._channels[0])
     c = declared("big", pb.VALUE, "float32", [100_000_000]).chunk
     with pytest.raises(grpc.RpcError) as excinfo:
         stub.Register(iter([pb.RegisterRequest(header=pb.RegisterHeader(

@@ -185,6 +185,26 @@ def start_watchdog(strategy) -> None:
     atexit.register(_at_exit)
 
 
+_EXIT_WAIT_S = 5.0
+
+
+def _peer_started_a_read_we_skip(limit: float) -> bool:
+    """True once a peer has posted read number ``_count + 1``; False when every peer has
+    exited first, or after ``limit`` seconds."""
+    pending = set(_peers)
+    deadline = time.monotonic() + limit
+    while pending:
+        for task in sorted(pending):
+            if _try_get(f"{_PREFIX}/{_count + 1}/{task}", 1) is not None:
+                return True
+            if _try_get(f"{_PREFIX}/exited/{task}", 1) is not None:
+                pending.discard(task)
+        if not pending or time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return False
+
+
 def _at_exit() -> None:
     """Say this worker made its last read (a peer waiting for it refuses at once), and stop
     the watchdog before TensorFlow tears the context down."""
@@ -195,10 +215,10 @@ def _at_exit() -> None:
     ctx = context.context()
     try:
         ctx.set_config_key_value(f"{_PREFIX}/exited/{_me}", str(_count))
-        # a peer that started a read this worker never makes (a chief-only save after fit):
-        # it refuses at once now; say so here too
-        peers = [f"{_PREFIX}/{_count + 1}/{task}" for task in _peers]
-        if any(_try_get(key, 1) is not None for key in peers):
+        # A peer that starts a read this worker never makes (a chief-only save after fit)
+        # refuses at once now; say so here too. The workers end fit together, so wait (a few
+        # seconds at most) until every peer has either exited or started such a read.
+        if _peer_started_a_read_we_skip(min(_EXIT_WAIT_S, timeout_s())):
             text = _try_get(_REFUSED, 5000) or message(
                 _me, "this worker", "finished without it", timeout_s())
             _log.error("%s", text)
