@@ -59,29 +59,10 @@ class Run:
             assert inner._state_layout.shards_state == sharded
             assert self.optimizer._state_layout.shards_state == sharded
 
-        def replica_step(ids, feats, y):
-            with tf.GradientTape() as tape:
-                loss = t.loss_fn(self.model, ids, feats, y)
-            grads = tape.gradient(loss, self.model.trainable_variables)
-            self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-
-        self._step = tf.function(lambda *b: self.strategy.run(replica_step, args=b))
+        self._step = t.distributed_step(self.strategy, self.model, self.optimizer)
 
     def steps(self, first, last):
-        n = self.strategy.num_replicas_in_sync
-        per = t.GLOBAL_BATCH // n
-        out = []
-        for k in range(first, last):
-            if n == 1:
-                batch = [tf.constant(a) for a in _batch(k)]
-            else:
-                batch = self.strategy.experimental_distribute_values_from_function(
-                    lambda ctx, k=k: tuple(tf.constant(a) for a in _batch(
-                        k, ctx.replica_id_in_sync_group * per,
-                        (ctx.replica_id_in_sync_group + 1) * per)))
-            self._step(*batch)
-            out.append(t.flat_weights(self.model))
-        return out
+        return t.steps_by_hand(self.strategy, self._step, self.model, _batch, first, last)
 
 
 def _assert_trajectory(got, want, first=0):

@@ -137,6 +137,25 @@ def distributed_step(strategy, model, optimizer, global_batch=GLOBAL_BATCH):
     return train_step
 
 
+def steps_by_hand(strategy, train_step, model, batch, first, last):
+    """Run ``train_step`` on global batches ``first`` .. ``last - 1``, each replica given its
+    slice (``batch(k, lo, hi)``: rows lo:hi of global batch k); the flat weights after each."""
+    n = strategy.num_replicas_in_sync
+    per = GLOBAL_BATCH // n
+    out = []
+    for k in range(first, last):
+        if n == 1:
+            args = [tf.constant(a) for a in batch(k)]
+        else:
+            args = strategy.experimental_distribute_values_from_function(
+                lambda ctx, k=k: tuple(tf.constant(a) for a in batch(
+                    k, ctx.replica_id_in_sync_group * per,
+                    (ctx.replica_id_in_sync_group + 1) * per)))
+        train_step(*args)
+        out.append(flat_weights(model))
+    return out
+
+
 def single_device(kind, data):
     """The reference: one device, the whole global batch per step."""
     ids, feats, y = data
