@@ -110,7 +110,9 @@ def split(values, grads, chunk_bytes: int, repeats: int, receive_buffer_bytes: i
     import json
 
     from radam_dist.ps.proto import pb
-    from radam_dist.ps.service import ServeOptions, ShardService
+    from radam_dist.ps.options import ServeOptions
+    from radam_dist.ps.service import ShardService
+    from radam_dist.ps.wire import PUSH_ROLES
     from radam_dist.ps.store import VariableSpec
     from radam_dist.ps.tensors import (BufferPool, TensorAssembler, parse_chunk_message,
                                        serialized_chunks, split_message)
@@ -126,9 +128,9 @@ def split(values, grads, chunk_bytes: int, repeats: int, receive_buffer_bytes: i
         state["raw"] = [raw for k in sorted(grads)  # what PSClient sends
                         for raw in serialized_chunks(pb, k, pb.GRADIENT, grads[k], pb.PushRequest, chunk_bytes)]
 
-    def server_decode():  # as ShardService._receive does with the bytes gRPC hands it
-        assembler = TensorAssembler(1 << 62, service._PUSH_ROLES, service._expect_push, service.budget,
-                                    check_finite=True, pool=service.receive_pool)
+    def server_decode():  # as Wire.receive does with the bytes gRPC hands it
+        assembler = TensorAssembler(1 << 62, PUSH_ROLES, service.wire.expect_push, service.budget,
+                                    check_finite=True, pool=service.wire.receive_pool)
         for raw in state["raw"]:
             _, _, chunk, data = split_message(pb, pb.PushRequest, raw)
             assembler.add(chunk, data)
@@ -137,7 +139,7 @@ def split(values, grads, chunk_bytes: int, repeats: int, receive_buffer_bytes: i
         assembler.release()
 
     def validate():
-        state["grads"] = service._gradients(state["tensors"])
+        state["grads"] = service.wire.gradients(state["tensors"])
         store.check_gradients(state["grads"], "reject", state["finite"])
 
     def apply():
@@ -146,7 +148,7 @@ def split(values, grads, chunk_bytes: int, repeats: int, receive_buffer_bytes: i
     def snapshot():
         state["snapshot"] = store.read(store.names)
 
-    def server_encode():  # as ShardService._stream_values does
+    def server_encode():  # as Wire.stream_values does
         state["pull"] = [raw for k in sorted(state["snapshot"])
                          for raw in serialized_chunks(pb, k, pb.VALUE, state["snapshot"][k],
                                                       pb.PullResponse, chunk_bytes)]

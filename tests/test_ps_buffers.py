@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from radam_dist.ps.client import PSClient
 from radam_dist.ps.proto import pb
-from radam_dist.ps.store import Gradient
+from radam_dist.ps.pushes import Gradient
 from radam_dist.ps.tensors import ALIGNMENT, BufferPool, WireError, serialized_chunks
 
 from test_ps_zero_copy import CONFIG, _store, _values
@@ -76,7 +76,7 @@ def test_pool_limit():
 
 def test_server_reuses_buffers_and_a_refused_push_changes_nothing(tmp_path):
     from radam_dist.ps.server import ParameterServerProcess
-    from radam_dist.ps.service import ServeOptions
+    from radam_dist.ps.options import ServeOptions
 
     values = _values()
     reference = _store(values)
@@ -112,7 +112,7 @@ def test_server_reuses_buffers_and_a_refused_push_changes_nothing(tmp_path):
             seen = set(held.values())
             kept = pulled  # held across the next call on purpose
             del pulled
-        assert process.service.receive_pool.reused >= 2 * 3  # 2 gradients, steps 1-3 (and 2's refusal)
+        assert process.service.wire.receive_pool.reused >= 2 * 3  # 2 gradients, steps 1-3 (and 2's refusal)
         assert client._receive_pool.reused >= 1
         del kept
     finally:

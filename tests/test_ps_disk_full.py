@@ -45,7 +45,7 @@ import numpy as np
 import pytest
 
 from ps_helpers import REPO, ServerProcess, rpc_code
-from radam_dist.ps import durability
+from radam_dist.ps import storage
 from radam_dist.ps.client import PSClient
 
 SERVER_ENV: dict = {}
@@ -76,7 +76,7 @@ def tmp_files(directory: Path, pattern: str = ".*.tmp") -> List[str]:
 def durable_files(directory: Path) -> Dict[str, int]:
     """Checkpoints and log segments, name -> size."""
     return {p.name: p.stat().st_size for p in directory.iterdir()
-            if durability.CKPT_RE.match(p.name) or durability.WAL_RE.match(p.name)}
+            if storage.CKPT_RE.match(p.name) or storage.WAL_RE.match(p.name)}
 
 
 def assert_same(values, expected, exact=True):
@@ -90,7 +90,8 @@ def assert_same(values, expected, exact=True):
 
 def recover(directory: Path):
     """(version, values) a server recovering ``directory`` starts with (in this process)."""
-    from radam_dist.ps.service import ServeOptions, ShardService
+    from radam_dist.ps.options import ServeOptions
+    from radam_dist.ps.service import ShardService
 
     service = ShardService(ServeOptions(mode="async", checkpoint_dir=directory, wal=True))
     try:
@@ -103,7 +104,7 @@ def state_left_by_a_crash(directory: Path, shapes, pushes: int):
     """In this process: register and push ``pushes`` times, then stop without the final
     checkpoint -- what SIGKILL leaves (the registration checkpoint, the log after it)."""
     from radam_dist.ps.server import ParameterServerProcess
-    from radam_dist.ps.service import ServeOptions
+    from radam_dist.ps.options import ServeOptions
 
     process = ParameterServerProcess(ServeOptions(mode="async", checkpoint_dir=directory, wal=True,
                                                   checkpoint_interval=0, wal_mark_interval=0))
@@ -119,7 +120,7 @@ def state_left_by_a_crash(directory: Path, shapes, pushes: int):
         process.server.stop(None).wait()
         process.service.close()
         process.service.metrics.close()
-    assert durability.list_checkpoints(directory)[-1].name == "ckpt-000000000000.radps"
+    assert storage.list_checkpoints(directory)[-1].name == "ckpt-000000000000.radps"
     return values
 
 
@@ -264,7 +265,7 @@ def test_registration_on_a_full_disk_is_unavailable_and_leaves_nothing_registere
         assert rpc_code(excinfo) == "FAILED_PRECONDITION"
         assert "before registration" in excinfo.value.details(), excinfo.value.details()
         assert tmp_files(inside) == []
-        assert durability.list_checkpoints(inside) == []  # nothing durable claims a registration
+        assert storage.list_checkpoints(inside) == []  # nothing durable claims a registration
 
         # room for part of what registration writes (the checkpoint, the log's first segment,
         # wal.head), a page more each time: each attempt succeeds or leaves nothing behind
@@ -277,14 +278,14 @@ def test_registration_on_a_full_disk_is_unavailable_and_leaves_nothing_registere
             except grpc.RpcError as err:
                 assert err.code() == grpc.StatusCode.UNAVAILABLE, (pages, err.details())
             assert client.stats()[0]["variables"] == [], pages
-            assert tmp_files(inside) == [] and durability.list_checkpoints(inside) == [], (
+            assert tmp_files(inside) == [] and storage.list_checkpoints(inside) == [], (
                 pages, sorted(os.listdir(inside)))
         else:
             raise AssertionError(f"registration never fitted: {sorted(os.listdir(inside))}")
         assert pages > 1  # (the checkpoint alone takes more than a page)
         disk.free()
         assert client.register(initial(SMALL), CONFIG) == 0  # idempotent: the same job again
-        assert [p.name for p in durability.list_checkpoints(inside)] == ["ckpt-000000000000.radps"]
+        assert [p.name for p in storage.list_checkpoints(inside)] == ["ckpt-000000000000.radps"]
         assert sorted(v["name"] for v in client.stats()[0]["variables"]) == sorted(SMALL)
         for i in range(3):
             assert client.push(gradient(SMALL, i)) == i + 1
@@ -314,8 +315,8 @@ def test_save_checkpoint_on_a_full_disk_is_unavailable_and_gives_the_space_back(
         client.register(initial(shapes), CONFIG)
         assert client.push(gradient(shapes, 0)) == 1  # a 256 KiB log record: it fits
         settle(inside)
-        checkpoint_size = durability.list_checkpoints(inside)[0].stat().st_size
-        push_size = max(p.stat().st_size for p in inside.iterdir() if durability.WAL_RE.match(p.name))
+        checkpoint_size = storage.list_checkpoints(inside)[0].stat().st_size
+        push_size = max(p.stat().st_size for p in inside.iterdir() if storage.WAL_RE.match(p.name))
         assert checkpoint_size > 3 * 256 << 10 and push_size > 256 << 10
         free0 = disk.available()
         assert free0 > checkpoint_size + push_size + 16 * PAGE  # room for both, later
@@ -326,7 +327,7 @@ def test_save_checkpoint_on_a_full_disk_is_unavailable_and_gives_the_space_back(
             client.save_checkpoint()
         assert rpc_code(excinfo) == "UNAVAILABLE", excinfo.value.details()
         assert tmp_files(inside, ".ckpt-*.tmp") == []
-        assert [p.name for p in durability.list_checkpoints(inside)] == ["ckpt-000000000000.radps"]
+        assert [p.name for p in storage.list_checkpoints(inside)] == ["ckpt-000000000000.radps"]
         disk.free()
         assert disk.available() >= free0 - 2 * PAGE
 
@@ -410,7 +411,7 @@ def test_startup_deletes_leftover_temporary_files(lab, tmp_path):
     values = state_left_by_a_crash(ckpt, SMALL, 2)
     kept = durable_files(ckpt)
     leftovers = [".ckpt-000000000003.radps.999.tmp", ".wal.head.999.tmp"]
-    (ckpt / leftovers[0]).write_bytes(durability.CKPT_MAGIC + os.urandom(3 * PAGE))
+    (ckpt / leftovers[0]).write_bytes(storage.CKPT_MAGIC + os.urandom(3 * PAGE))
     (ckpt / leftovers[1]).write_bytes(b'{"seq": 7, "first_ver')
     server = lab.server(serve_args(ckpt), "sweep")
     assert tmp_files(ckpt) == []

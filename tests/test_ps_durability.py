@@ -145,34 +145,34 @@ def test_sigkill_without_wal_resumes_from_checkpoint_and_sigterm_saves(tmp_path)
 
 def test_checkpoint_file_is_checksummed_and_falls_back(tmp_path):
     """A damaged newest checkpoint is skipped in favour of the previous one."""
-    from radam_dist.ps import durability
+    from radam_dist.ps import storage
 
     meta = {"version": 1}
-    durability.write_checkpoint(tmp_path, meta, {"a": np.arange(4, dtype=np.float32)})
-    durability.write_checkpoint(tmp_path, {"version": 2}, {"a": np.arange(4, dtype=np.float32) * 2})
-    newest = durability.list_checkpoints(tmp_path)[-1]
+    storage.write_checkpoint(tmp_path, meta, {"a": np.arange(4, dtype=np.float32)})
+    storage.write_checkpoint(tmp_path, {"version": 2}, {"a": np.arange(4, dtype=np.float32) * 2})
+    newest = storage.list_checkpoints(tmp_path)[-1]
     data = bytearray(newest.read_bytes())
     data[-40] ^= 0xFF
     newest.write_bytes(bytes(data))
-    path, meta, arrays = durability.load_latest_checkpoint(tmp_path)
+    path, meta, arrays = storage.load_latest_checkpoint(tmp_path)
     assert meta["version"] == 1 and path.name == "ckpt-000000000001.radps"
     np.testing.assert_array_equal(arrays["a"], np.arange(4, dtype=np.float32))
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_wal_drops_a_torn_tail(tmp_path):
-    from radam_dist.ps import durability
-    from radam_dist.ps.store import Gradient
+    from radam_dist.ps import storage
+    from radam_dist.ps.pushes import Gradient
 
-    wal = durability.WriteAheadLog(tmp_path)
+    wal = storage.WriteAheadLog(tmp_path)
     wal.start_segment(0)
     wal.append(0, ["a"], {"w": Gradient(np.ones(3, np.float32))})
     wal.append(1, ["b"], {"e": Gradient(np.ones((2, 2), np.float32), np.array([0, 1]))})
     wal.close()
     segment = wal.segments()[0]
     with open(segment, "ab") as f:
-        f.write(durability.encode_record(2, ["c"], {"w": Gradient(np.ones(3, np.float32))})[:-5])
-    log = durability.WriteAheadLog(tmp_path)
+        f.write(storage.encode_record(2, ["c"], {"w": Gradient(np.ones(3, np.float32))})[:-5])
+    log = storage.WriteAheadLog(tmp_path)
     records = [r for _, r in log.read(log.chain(wal.seq))]
     assert [(r.version_before, r.request_ids) for r in records] == [(0, ["a"]), (1, ["b"])]
     np.testing.assert_array_equal(records[1].grads["e"].indices, [0, 1])

@@ -45,7 +45,7 @@ import numpy as np
 import pytest
 
 from ps_helpers import REPO, ServerPool, ServerProcess, rpc_code
-from radam_dist.ps import durability, placement
+from radam_dist.ps import placement, storage
 from radam_dist.ps.proto import pb, pb_grpc
 from radam_dist.ps.tensors import chunk_tensor
 
@@ -562,19 +562,19 @@ def train_and_cut(tmp_path, procs, mark_interval):
     time.sleep(1.0)  # (test 5: the mark, written every 0.2 s, now says version 12)
     server.kill(signal.SIGKILL)
     server.proc.wait(30)
-    wal = durability.WriteAheadLog(ckpt)
+    wal = storage.WriteAheadLog(ckpt)
     segment = wal.segments()[-1]
     data = segment.read_bytes()
-    records, damage = durability.scan_segment(data, segment, newest=True)
+    records, damage = storage.scan_segment(data, segment, newest=True)
     assert damage is None
-    applied = [(offset, durability.decode_record(payload)) for offset, payload in records]
+    applied = [(offset, storage.decode_record(payload)) for offset, payload in records]
     applied = [(offset, rec) for offset, rec in applied if rec.kind == "apply"]
     assert [rec.version_before for _, rec in applied] == list(range(PUSHES))
     cut = next(offset for offset, rec in applied if rec.version_before == KEPT)
     with open(segment, "r+b") as f:  # a cut exactly at a record boundary: nothing looks torn
         f.truncate(cut)
         os.fsync(f.fileno())
-    assert durability.scan_segment(segment.read_bytes(), segment, newest=True)[1] is None
+    assert storage.scan_segment(segment.read_bytes(), segment, newest=True)[1] is None
     return server, args, client, at9, segment
 
 

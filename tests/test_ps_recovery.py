@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from ps_helpers import REPO, ServerProcess
-from radam_dist.ps import durability
+from radam_dist.ps import storage
 from radam_dist.ps.client import PSClient
 
 SHAPES = {"w": (6, 4), "b": (4,)}
@@ -70,9 +70,9 @@ def trained(tmp_path_factory):
             assert client.push(gradient(i)) == i + 1
         values = client.pull()
         client.close()
-    assert [p.name for p in durability.list_checkpoints(ckpt)] == [
+    assert [p.name for p in storage.list_checkpoints(ckpt)] == [
         "ckpt-000000000000.radps", "ckpt-000000000006.radps"]
-    assert [p.name for p in durability.WriteAheadLog(ckpt).segments()] == [
+    assert [p.name for p in storage.WriteAheadLog(ckpt).segments()] == [
         "wal-000000000000-000001.log", "wal-000000000006-000002.log"]
     return ckpt, values
 
@@ -85,7 +85,8 @@ def copy(trained, tmp_path, name="c"):
 
 def recover(directory, wal=True, discard=False):
     """Run the server's recovery; (version, values) or RecoveryError."""
-    from radam_dist.ps.service import ServeOptions, ShardService
+    from radam_dist.ps.options import ServeOptions
+    from radam_dist.ps.service import ShardService
 
     service = ShardService(ServeOptions(mode="async", checkpoint_dir=directory, wal=wal,
                                         discard_damaged_state=discard))
@@ -102,14 +103,14 @@ def flip(path, offset):
 
 
 def segment(directory, seq):
-    return next(p for p in durability.WriteAheadLog(directory).segments()
-                if durability.WriteAheadLog.seq_of(p) == seq)
+    return next(p for p in storage.WriteAheadLog(directory).segments()
+                if storage.WriteAheadLog.seq_of(p) == seq)
 
 
 def record_offsets(path):
-    records, damage = durability.scan_segment(path.read_bytes(), path, newest=True)
+    records, damage = storage.scan_segment(path.read_bytes(), path, newest=True)
     assert damage is None
-    return [(offset, durability.WAL_HEADER + len(payload) + durability.WAL_TRAILER) for offset, payload in records]
+    return [(offset, storage.WAL_HEADER + len(payload) + storage.WAL_TRAILER) for offset, payload in records]
 
 
 def assert_values(values, expected):
@@ -133,7 +134,7 @@ def test_a_flipped_byte_anywhere_in_the_newest_segment_refuses(trained, tmp_path
         for where in sorted({0, 6, 10, length // 2, length - 1}):
             directory = copy(trained, tmp_path, f"f{start}-{where}")
             flip(segment(directory, 2), start + where)
-            with pytest.raises(durability.RecoveryError) as excinfo:
+            with pytest.raises(storage.RecoveryError) as excinfo:
                 recover(directory)
             message = str(excinfo.value)
             assert "wal-000000000006-000002.log" in message and f"at byte {start} " in message, message
@@ -175,7 +176,7 @@ def test_only_a_torn_tail_is_dropped(trained, tmp_path):
     flip(directory / "ckpt-000000000006.radps", 100)
     start, length = record_offsets(segment(directory, 1))[2]
     os.truncate(segment(directory, 1), start + length // 2)
-    with pytest.raises(durability.RecoveryError, match=r"wal-000000000000-000001.log at byte"):
+    with pytest.raises(storage.RecoveryError, match=r"wal-000000000000-000001.log at byte"):
         recover(directory)
 
 
@@ -196,20 +197,20 @@ def test_a_damaged_newest_checkpoint_falls_back_losslessly_with_the_wal(trained,
 
 def test_checkpoints_none_of_which_verifies_refuse(trained, tmp_path):
     directory = copy(trained, tmp_path)
-    for path in durability.list_checkpoints(directory):
+    for path in storage.list_checkpoints(directory):
         flip(path, 50)
-    with pytest.raises(durability.RecoveryError, match="none of the 2 checkpoint"):
+    with pytest.raises(storage.RecoveryError, match="none of the 2 checkpoint"):
         recover(directory)
     # without the log, falling back to an older checkpoint would lose updates
     directory = copy(trained, tmp_path, "nowal")
     flip(directory / "ckpt-000000000006.radps", 50)
-    with pytest.raises(durability.RecoveryError, match="would lose the updates after it"):
+    with pytest.raises(storage.RecoveryError, match="would lose the updates after it"):
         recover(directory, wal=False)
 
 
 def test_restart_without_wal_over_a_log_refuses(trained, tmp_path):
     directory = copy(trained, tmp_path)
-    with pytest.raises(durability.RecoveryError, match="restart with --wal"):
+    with pytest.raises(storage.RecoveryError, match="restart with --wal"):
         recover(directory, wal=False)
     assert recover(directory)[0] == FIRST + SECOND  # nothing was touched
 
@@ -218,31 +219,31 @@ def test_missing_segments_are_noticed(trained, tmp_path):
     # the newest segment, named by the newest checkpoint
     directory = copy(trained, tmp_path, "newest")
     segment(directory, 2).unlink()
-    with pytest.raises(durability.RecoveryError, match="segment 2"):
+    with pytest.raises(storage.RecoveryError, match="segment 2"):
         recover(directory)
     # ... and with its checkpoint deleted too, wal.head still names it
     directory = copy(trained, tmp_path, "newest-and-ckpt")
     segment(directory, 2).unlink()
     (directory / "ckpt-000000000006.radps").unlink()
-    with pytest.raises(durability.RecoveryError, match="segment 2 .*missing"):
+    with pytest.raises(storage.RecoveryError, match="segment 2 .*missing"):
         recover(directory)
     # a gap in the middle: the older checkpoint needs segment 1
     directory = copy(trained, tmp_path, "gap")
     (directory / "ckpt-000000000006.radps").unlink()
     segment(directory, 1).unlink()
-    with pytest.raises(durability.RecoveryError, match="segment 1 that continues the checkpoint"):
+    with pytest.raises(storage.RecoveryError, match="segment 1 that continues the checkpoint"):
         recover(directory)
     # a hole between two present segments
     directory = copy(trained, tmp_path, "hole")
     flip(directory / "ckpt-000000000006.radps", 50)
     segment(directory, 2).rename(directory / "wal-000000000006-000003.log")
-    with pytest.raises(durability.RecoveryError, match=r"segments \[2\] are missing"):
+    with pytest.raises(storage.RecoveryError, match=r"segments \[2\] are missing"):
         recover(directory)
     # every checkpoint deleted, the log is there
     directory = copy(trained, tmp_path, "nockpt")
-    for path in durability.list_checkpoints(directory):
+    for path in storage.list_checkpoints(directory):
         path.unlink()
-    with pytest.raises(durability.RecoveryError, match="no checkpoint"):
+    with pytest.raises(storage.RecoveryError, match="no checkpoint"):
         recover(directory)
 
 
@@ -302,7 +303,7 @@ def test_second_server_on_the_same_directory_is_refused(trained, tmp_path):
 @pytest.mark.timeout(300)
 def test_real_server_refuses_when_no_checkpoint_verifies(trained, tmp_path):
     directory = copy(trained, tmp_path)
-    for path in durability.list_checkpoints(directory):
+    for path in storage.list_checkpoints(directory):
         flip(path, 30)
     result, port_file = _serve(directory)
     assert result.returncode == 2 and not port_file.exists()

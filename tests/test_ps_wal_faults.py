@@ -23,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps_helpers import REPO, ServerProcess
-from radam_dist.ps import durability
+from radam_dist.ps import storage
 from radam_dist.ps.client import PSClient
 
 SHAPES = {"a": (8,), "z": (64,)}  # "z" packs last: the payload ends with its bytes
@@ -37,7 +37,8 @@ def zero_tailed(i):
 
 
 def recover(directory, wal=True):
-    from radam_dist.ps.service import ServeOptions, ShardService
+    from radam_dist.ps.options import ServeOptions
+    from radam_dist.ps.service import ShardService
 
     service = ShardService(ServeOptions(mode="async", checkpoint_dir=directory, wal=wal))
     try:
@@ -64,25 +65,25 @@ def test_flipped_bit_in_zero_tailed_last_record_is_damage_not_torn(tmp_path):
         server.proc.wait(30)
     pristine = tmp_path / "pristine"  # recovering writes a checkpoint: copy the state first
     shutil.copytree(ckpt, pristine)
-    seg = durability.WriteAheadLog(pristine).segments()[-1]
+    seg = storage.WriteAheadLog(pristine).segments()[-1]
     data = seg.read_bytes()
-    records, damage = durability.scan_segment(data, seg, newest=True)
+    records, damage = storage.scan_segment(data, seg, newest=True)
     assert damage is None and len(records) == 3
     start, payload = records[-1]
     assert not payload[-16:].strip(b"\0")  # the case the old heuristic called "torn"
     assert recover(ckpt)[0] == 3
     # one flipped bit in the zeros at the end of the last payload
-    where = start + durability.WAL_HEADER + len(payload) - 5
-    for target in (where, start + durability.WAL_HEADER + len(payload) // 2):
+    where = start + storage.WAL_HEADER + len(payload) - 5
+    for target in (where, start + storage.WAL_HEADER + len(payload) // 2):
         directory = tmp_path / f"flip{target}"
         shutil.copytree(pristine, directory)
         path = directory / seg.name
         damaged = bytearray(path.read_bytes())
         damaged[target] ^= 0x01
         path.write_bytes(bytes(damaged))
-        _, found = durability.scan_segment(bytes(damaged), path, newest=True)
+        _, found = storage.scan_segment(bytes(damaged), path, newest=True)
         assert found is not None and not found.torn and "checksum" in found.reason
-        with pytest.raises(durability.RecoveryError) as excinfo:
+        with pytest.raises(storage.RecoveryError) as excinfo:
             recover(directory)
         assert f"{seg.name} at byte {start} " in str(excinfo.value)
         assert path.stat().st_size == len(data)  # nothing was cut off
@@ -94,23 +95,23 @@ def test_flipped_bit_in_zero_tailed_last_record_is_damage_not_torn(tmp_path):
     directory = tmp_path / "zero-trailer"
     shutil.copytree(pristine, directory)
     zeroed = bytearray(data)
-    zeroed[-durability.WAL_TRAILER:] = bytes(durability.WAL_TRAILER)
+    zeroed[-storage.WAL_TRAILER:] = bytes(storage.WAL_TRAILER)
     (directory / seg.name).write_bytes(bytes(zeroed))
     assert recover(directory)[0] == 2
     # a segment of the old (unreleased, trailer-less) format is refused, naming it
     directory = tmp_path / "old"
     shutil.copytree(pristine, directory)
     old = bytearray(data)
-    old[:2] = durability.WAL_OLD_MARK
+    old[:2] = storage.WAL_OLD_MARK
     (directory / seg.name).write_bytes(bytes(old))
-    with pytest.raises(durability.RecoveryError, match="unreleased format"):
+    with pytest.raises(storage.RecoveryError, match="unreleased format"):
         recover(directory)
 
 
 # -- 2. a failing disk ----------------------------------------------------------------------------
 def _in_process_server(directory):
     from radam_dist.ps.server import ParameterServerProcess
-    from radam_dist.ps.service import ServeOptions
+    from radam_dist.ps.options import ServeOptions
 
     process = ParameterServerProcess(ServeOptions(mode="async", checkpoint_dir=directory, wal=True,
                                                   checkpoint_interval=0))
@@ -214,16 +215,16 @@ def test_restarts_before_registration_all_start(tmp_path):
     old.mkdir()
     for seq in range(3):
         (old / f"wal-000000000000-{seq:06d}.log").write_bytes(b"")
-    (old / durability.WAL_HEAD).write_text('{"seq": 2, "first_version": 0}')
+    (old / storage.WAL_HEAD).write_text('{"seq": 2, "first_version": 0}')
     assert recover(old)[0] == 0
     # ... but a head written at a checkpoint, with the checkpoint gone, is refused
     gone = tmp_path / "gone"
     shutil.copytree(directory, gone)
-    for path in durability.list_checkpoints(gone):
+    for path in storage.list_checkpoints(gone):
         path.unlink()
-    for path in durability.WriteAheadLog(gone).segments():
+    for path in storage.WriteAheadLog(gone).segments():
         path.write_bytes(b"")
-    with pytest.raises(durability.RecoveryError, match="no checkpoint"):
+    with pytest.raises(storage.RecoveryError, match="no checkpoint"):
         recover(gone)
 
 
@@ -247,7 +248,7 @@ def test_taken_port_is_a_one_line_refusal_and_releases_the_directory(tmp_path):
 
         # in one process: the failed attempt releases the lock and the log
         from radam_dist.ps.server import ParameterServerProcess, PortBindError
-        from radam_dist.ps.service import ServeOptions
+        from radam_dist.ps.options import ServeOptions
 
         options = ServeOptions(mode="async", checkpoint_dir=directory, wal=True)
         with pytest.raises(PortBindError, match=f"127.0.0.1:{port}"):
@@ -265,7 +266,7 @@ def test_stop_joins_the_checkpointer_before_the_final_checkpoint(tmp_path):
     import threading
 
     from radam_dist.ps.server import ParameterServerProcess
-    from radam_dist.ps.service import ServeOptions
+    from radam_dist.ps.options import ServeOptions
 
     process = ParameterServerProcess(ServeOptions(mode="async", checkpoint_dir=tmp_path / "c",
                                                   wal=True, checkpoint_interval=0.01))
@@ -283,18 +284,18 @@ def test_stop_joins_the_checkpointer_before_the_final_checkpoint(tmp_path):
 
 
 def test_checkpoints_keep_as_many_decisions_as_the_constant_says(tmp_path):
-    from radam_dist.ps import service as service_module
-    from radam_dist.ps.rounds import Decision
-    from radam_dist.ps.service import ServeOptions, ShardService
+    from radam_dist.ps.options import ServeOptions
+    from radam_dist.ps.rounds import DECISIONS_KEPT, Decision
+    from radam_dist.ps.service import ShardService
 
     service = ShardService(ServeOptions(mode="sync", checkpoint_dir=tmp_path / "c"))
     try:
-        for r in range(service_module._DECISIONS_KEPT + 50):
-            service._decide(r, Decision({"w0": f"r{r}"}))
+        for r in range(DECISIONS_KEPT + 50):
+            service.rounds.record_decision(r, Decision({"w0": f"r{r}"}))
         service.store.export_state = lambda: ({}, {})  # the decisions are what is checked
-        with service._cond:
-            meta, _ = service._export_locked()
-        assert len(meta["decisions"]) == service_module._DECISIONS_KEPT
+        with service.shard.cond:
+            meta, _ = service.checkpointer.export_locked()
+        assert len(meta["decisions"]) == DECISIONS_KEPT
         assert meta["decisions"][0][0] == 50
     finally:
         service.close()
@@ -314,7 +315,7 @@ def test_psclient_leaves_the_allocator_alone_unless_asked(monkeypatch):
 @pytest.mark.timeout(300)
 def test_sync_round_whose_log_write_fails_is_abandoned_not_applied(tmp_path):
     from radam_dist.ps.server import ParameterServerProcess
-    from radam_dist.ps.service import ServeOptions
+    from radam_dist.ps.options import ServeOptions
 
     directory = tmp_path / "ckpt"
     process = ParameterServerProcess(ServeOptions(mode="sync", num_workers=1, checkpoint_dir=directory,
@@ -336,7 +337,7 @@ def test_sync_round_whose_log_write_fails_is_abandoned_not_applied(tmp_path):
         with pytest.raises(Exception) as excinfo:
             client.push(zero_tailed(0))
         assert "No space left" in str(excinfo.value), str(excinfo.value)
-        assert process.service.store.version == 0 and not process.service._ready
+        assert process.service.store.version == 0 and not process.service.rounds.ready_workers()
         wal._fsync = os.fsync
         client.push(zero_tailed(1))
         assert process.service.store.version == 1
@@ -347,7 +348,8 @@ def test_sync_round_whose_log_write_fails_is_abandoned_not_applied(tmp_path):
 
 
 def recover_sync(directory):
-    from radam_dist.ps.service import ServeOptions, ShardService
+    from radam_dist.ps.options import ServeOptions
+    from radam_dist.ps.service import ShardService
 
     service = ShardService(ServeOptions(mode="sync", num_workers=1, checkpoint_dir=directory, wal=True))
     try:

@@ -23,7 +23,8 @@ import pytest
 from ps_helpers import ServerPool
 from radam_dist.ps.client import PSClient
 from radam_dist.ps.proto import pb
-from radam_dist.ps.store import Gradient, ParameterStore, VariableSpec
+from radam_dist.ps.pushes import Gradient
+from radam_dist.ps.store import ParameterStore, VariableSpec
 from radam_dist.ps.tensors import (TensorAssembler, WireError, chunk_tensor, parse_chunk_message,
                                    serialized_chunks)
 

@@ -240,7 +240,7 @@ def serve(parser, args) -> int:
         return _refuse(ValueError("--server-key-file holds the workers' bearer token: the server "
                                   "key must be a secret no worker has"))
     from radam_dist.ps.server import ParameterServerProcess, PortBindError, serve_forever
-    from radam_dist.ps.service import ServeOptions
+    from radam_dist.ps.options import ServeOptions
 
     options = ServeOptions(
         mode=args.mode, num_workers=args.num_workers, sync_timeout=args.sync_timeout,
@@ -254,7 +254,7 @@ def serve(parser, args) -> int:
         wal_mark_interval=args.wal_mark_interval)
     if token is None:
         logging.getLogger(__name__).warning("no token configured: calls are not authenticated")
-    from radam_dist.ps.durability import DirectoryLockedError, RecoveryError
+    from radam_dist.ps.storage import DirectoryLockedError, RecoveryError
     from radam_dist import native
 
     native.library()  # compiled now (once per machine, about 10 s), not in the first push
@@ -283,7 +283,7 @@ def _disk_error(err: OSError, directory: Optional[Path]) -> Exception:
     import errno
     import shutil
 
-    from radam_dist.ps.durability import space_needed
+    from radam_dist.ps.storage import space_needed
 
     if directory is None or err.errno not in (errno.ENOSPC, errno.EDQUOT):
         return RuntimeError(f"{directory}: {err.strerror or err}")

@@ -676,45 +676,12 @@ class PSClient:
             self._on_phase(name)
 
     def _push_sync(self, routed) -> int:
-        """Stage on every shard, commit at shard 0, deliver the decision to the others."""
-        round_ = self.versions[0]
-        request_id = uuid.uuid4().hex
-
-        def stage(shard: int):
-            for attempt in range(2):
-                try:
-                    response = self._call(shard, lambda stub, kw: stub.Push(
-                        self._push_requests(shard, routed[shard], request_id, stage_round=round_), **kw))
-                    break
-                except grpc.RpcError as err:
-                    if attempt == 0 and _is_behind(err):  # deliver the rounds it missed, retry
-                        self._catch_up([shard], upto=round_)
-                        continue
-                    raise self._translate(err) from err
-            self._phase(f"staged:{shard}")
-            return response.skipped
-
-        if self.stage_sequentially:
-            skipped = {shard: stage(shard) for shard in range(self.num_shards)}
-        else:
-            skipped = self._fan_out(range(self.num_shards), stage)
-        try:
-            decision = self._call(0, lambda stub, kw: stub.CommitRound(pb.CommitRoundRequest(
-                round=round_, worker_id=self.worker_id, request_id=request_id,
-                job_id=self.job_id, skipped=any(skipped.values())), **kw))
-        except grpc.RpcError as err:
-            raise self._translate(err) from err
-        self._phase("committed")
-        self._saw_version(0, decision.version)
-        if any(m.worker_id == self.worker_id and m.skipped for m in decision.members):
-            self.skipped_pushes += 1
-            log.warning("round %d: this worker's gradient held NaN or Inf on shard(s) %s; it was "
-                        "left out of the round on every shard (%d such pushes so far)", round_,
-                        sorted(s for s, v in skipped.items() if v), self.skipped_pushes)
-        self._deliver(round_, list(decision.members), decision.decision_mac, range(1, self.num_shards))
-        return round_ + 1
+        """One sync round: ``SyncRound`` stages, commits and applies it."""
+        return SyncRound(self, routed).run()
 
     def _deliver(self, round_: int, members, mac: bytes, shards) -> None:
+        """ApplyRound of shard 0's decision on ``shards`` (a round's last phase, or catching
+        up a shard a worker that died after the commit left behind)."""
         request = pb.ApplyRoundRequest(round=round_, members=members, decision_mac=mac,
                                        job_id=self.job_id)
 
@@ -791,3 +758,76 @@ class PSClient:
 
         results = self._fan_out(range(self.num_shards), one)
         return [results[s] for s in range(self.num_shards)]
+
+
+class SyncRound:
+    """A worker's side of one sync round, in the phases ``rounds.RoundCoordinator`` names on
+    the servers (docs/PS.md, "Sync rounds across shards"):
+
+    * ``stage`` -- push to every shard with ``stage=true`` (nothing is applied); a shard behind
+      gets the rounds it missed first;
+    * ``commit`` -- ask shard 0 to commit; it answers once the round is decided with this
+      worker in it, or refuses (ABORTED, DEADLINE_EXCEEDED: abandoned, nothing applied);
+    * ``apply`` -- deliver the signed decision to the other shards (``ApplyRound``).
+
+    ``PSClient._on_phase`` hears "staged:<shard>", "committed" and "applied:<shard>" as each
+    step completes (tests kill a worker exactly there).
+    """
+
+    def __init__(self, client: PSClient, routed: Dict[int, Dict[str, tuple]]):
+        self.client = client
+        self.routed = routed
+        self.round = client.versions[0]
+        self.request_id = uuid.uuid4().hex
+        self.skipped: Dict[int, bool] = {}  # shard -> this worker's push was not finite there
+        self.decision = None  # shard 0's CommitRoundResponse
+
+    def run(self) -> int:
+        """Stage, commit, apply; returns the version after the round."""
+        self.stage()
+        self.commit()
+        self.apply()
+        return self.round + 1
+
+    def _stage_on(self, shard: int) -> bool:
+        client = self.client
+        for attempt in range(2):
+            try:
+                response = client._call(shard, lambda stub, kw: stub.Push(
+                    client._push_requests(shard, self.routed[shard], self.request_id,
+                                          stage_round=self.round), **kw))
+                break
+            except grpc.RpcError as err:
+                if attempt == 0 and _is_behind(err):  # deliver the rounds it missed, retry
+                    client._catch_up([shard], upto=self.round)
+                    continue
+                raise client._translate(err) from err
+        client._phase(f"staged:{shard}")
+        return response.skipped
+
+    def stage(self) -> None:
+        client = self.client
+        if client.stage_sequentially:
+            self.skipped = {shard: self._stage_on(shard) for shard in range(client.num_shards)}
+        else:
+            self.skipped = client._fan_out(range(client.num_shards), self._stage_on)
+
+    def commit(self) -> None:
+        client = self.client
+        try:
+            self.decision = client._call(0, lambda stub, kw: stub.CommitRound(pb.CommitRoundRequest(
+                round=self.round, worker_id=client.worker_id, request_id=self.request_id,
+                job_id=client.job_id, skipped=any(self.skipped.values())), **kw))
+        except grpc.RpcError as err:
+            raise client._translate(err) from err
+        client._phase("committed")
+        client._saw_version(0, self.decision.version)
+        if any(m.worker_id == client.worker_id and m.skipped for m in self.decision.members):
+            client.skipped_pushes += 1
+            log.warning("round %d: this worker's gradient held NaN or Inf on shard(s) %s; it was "
+                        "left out of the round on every shard (%d such pushes so far)", self.round,
+                        sorted(s for s, v in self.skipped.items() if v), client.skipped_pushes)
+
+    def apply(self) -> None:
+        self.client._deliver(self.round, list(self.decision.members), self.decision.decision_mac,
+                             range(1, self.client.num_shards))

@@ -1,6 +1,9 @@
-"""One exception type for refusals, carrying the gRPC status code name it maps to."""
+"""One exception type for refusals, carrying the gRPC status code name it maps to, and the
+helper that keeps the names in a refusal short."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 
 class PSError(Exception):
@@ -16,3 +19,10 @@ class PSError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+def name_list(names: Sequence[str], limit: int = 5) -> str:
+    """At most ``limit`` names and a count: error messages stay small for any request."""
+    names = list(names)
+    shown = ", ".join(repr(n[:100]) for n in names[:limit])
+    return f"[{shown}{f', ... {len(names) - limit} more' if len(names) > limit else ''}] ({len(names)})"

@@ -22,7 +22,8 @@ from radam_dist.ps.auth import BearerTokenInterceptor
 from radam_dist.ps.transport import (  # noqa: F401
     KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S, TLSFiles, check_tls_files,
     check_transport, is_loopback, keepalive_options)
-from radam_dist.ps.service import ServeOptions, ShardService, add_to_server
+from radam_dist.ps.options import ServeOptions
+from radam_dist.ps.service import ShardService, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class ParameterServerProcess:
                               err, self.options.checkpoint_interval)
 
     def _mark_loop(self) -> None:
-        """wal.mark every --wal-mark-interval (durability.WalMark says why)."""
+        """wal.mark every --wal-mark-interval (storage.WalMark says why)."""
         failing = False
         while not self._stop.wait(self.options.wal_mark_interval):
             try:

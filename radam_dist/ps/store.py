@@ -5,7 +5,7 @@ Parameters are ``keras.Variable``s; the optimizer is a real ``radam_dist.Rectifi
 its ``apply`` under ``tf.function``. So the server runs the project's one implementation of
 the RAdam math (radam_math), not a copy of it.
 
-Nothing here is thread-safe; ``server.ShardService`` serialises access with one lock.
+Nothing here is thread-safe; ``shard.Shard`` serialises access with its Condition.
 Validation (``check_gradients``) is separate from ``apply`` so that a request is refused
 before anything is touched.
 """
@@ -20,34 +20,13 @@ import numpy as np
 import tensorflow as tf
 
 from radam_dist.ps import optimizer_config
-from radam_dist.ps.errors import PSError
+from radam_dist.ps.errors import PSError, name_list
+from radam_dist.ps.pushes import Gradient
 from radam_dist.ps.tensors import ALIGNMENT
 
 log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
-
-
-def name_list(names: Sequence[str], limit: int = 5) -> str:
-    """At most ``limit`` names and a count: error messages stay small for any request."""
-    names = list(names)
-    shown = ", ".join(repr(n[:100]) for n in names[:limit])
-    return f"[{shown}{f', ... {len(names) - limit} more' if len(names) > limit else ''}] ({len(names)})"
-
-
-class Gradient(NamedTuple):
-    """A dense gradient (``indices is None``) or the rows ``indices`` of a sparse one."""
-
-    values: np.ndarray
-    indices: Optional[np.ndarray] = None
-
-    @property
-    def is_sparse(self) -> bool:
-        return self.indices is not None
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.values.nbytes) + (0 if self.indices is None else int(self.indices.nbytes))
 
 
 class VariableSpec(NamedTuple):
@@ -294,7 +273,7 @@ class ParameterStore:
         self.version += 1
         return self.version
 
-    # -- state for checkpoints --------------------------------------------------------------
+    # -- state for checkpoints (storage/FORMATS.md, "Checkpoint": the array keys) ------------
     def optimizer_variables(self) -> list:
         return list(self.optimizer.variables)
 
