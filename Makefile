@@ -15,7 +15,7 @@ help:  ## list the targets
 
 venv: $(STAMP)  ## create or refresh .venv
 
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml build_hooks.py
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml setup.py
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r requirements.txt
@@ -35,7 +35,7 @@ test: $(STAMP) $(TEST_PREREQS)  ## run the test suite
 	$(VPY) -m pytest tests -n $(PYTEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 demo: $(STAMP) $(DEMO_PREREQS)  ## train the demo model and write out/
-	$(VPY) -m radam_dist.demo $(DEMO_ARGS)
+	$(VPY) -m examples.demo $(DEMO_ARGS)
 
 TFA_VENV := .venv-tfa
 

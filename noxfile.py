@@ -11,8 +11,8 @@ What one pair does:
    checkout, with this interpreter's setuptools and grpcio-tools, like tests/test_packaging.py);
 2. a fresh venv under .venv-matrix/ (git-ignored) from that Python, then one ``pip install`` of
    the wheel with [ps], the pinned TensorFlow, the pair's extra pins, and pytest;
-3. tests/, pytest.ini and deploy/ are copied to a folder outside the checkout and the selected
-   test files run there with the venv's interpreter; the session first checks that
+3. tests/, pytest.ini, deploy/ and examples/ are copied to a folder outside the checkout and the
+   selected test files run there with the venv's interpreter; the session first checks that
    ``radam_dist`` is the installed wheel. ``pip freeze`` and the test log stay in .venv-matrix/.
 
 Interpreters: ``pythonX.Y`` on PATH, else pyenv's newest X.Y (pyenv shims refuse a version that
@@ -162,6 +162,8 @@ def run_pair(session: nox.Session, python: str, tf: str) -> None:
         shutil.copytree(REPO / "tests", work / "tests",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copytree(REPO / "deploy", work / "deploy")
+        shutil.copytree(REPO / "examples", work / "examples",  # test_ps_keras.py runs the PS demo
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copy(REPO / "pytest.ini", work / "pytest.ini")
         env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONDONTWRITEBYTECODE": "1",
                "RADAM_DIST_NATIVE_CACHE": str(work / "native-cache")}

@@ -42,7 +42,7 @@ XLA_CHUNKS = " (XLA chunks, RADAM_DIST_NATIVE=0)"
 SWITCHES = ("RADAM_DIST_FUSED", "RADAM_DIST_NATIVE")
 FAST = {"RADAM_DIST_FUSED": "1", "RADAM_DIST_NATIVE": "1"}
 FLOOR = "floor: the gradients' all-reduce alone"
-# MWMS: radam_dist all-reduces large gradients one by one (aggregation.split_all_reduce_sum)
+# MWMS: radam_dist all-reduces large gradients one by one (gradient_sums.all_reduce_large_apart)
 SPLIT_FLOOR = "floor: radam_dist's all-reduce alone (large gradients one by one)"
 
 
@@ -149,7 +149,7 @@ def step_mode(args) -> dict:
         steps[FLOOR], switch[FLOOR] = floor, FAST
         split_floor = None
         if args.strategy == "mwms":
-            from radam_dist.distribute import aggregation
+            from radam_dist.distribute import gradient_sums
 
             def keras_sum(pairs):
                 reduced = tf.distribute.get_replica_context().all_reduce(
@@ -157,7 +157,7 @@ def step_mode(args) -> dict:
                 return list(zip(reduced, [v for _, v in pairs]))
 
             def split_only(g):
-                aggregation.split_all_reduce_sum(list(zip(g, variables)), keras_sum)
+                gradient_sums.all_reduce_large_apart(list(zip(g, variables)), keras_sum)
 
             @tf.function
             def split_floor():

@@ -10,7 +10,7 @@ hits all three alike):
     fallback where the whole sum is needed; forced here with RADAM_DIST_ZERO_EXCHANGE=all-reduce
     at trace time);
   * ``local-reduce-scatter``: ZeRO-1's default under single-worker MirroredStrategy, the
-    reduce-scatter and all-gather done in the step's graph (zero.choose_exchange says why:
+    reduce-scatter and all-gather done in the step's graph (StepPlan.zero_exchange says why:
     TensorFlow 2.21 has no CPU reduce-scatter collective);
   * ``all-to-all`` (--mwms only): ZeRO-1's default under MWMS, the dense gradients' row
     blocks by the CollectiveAllToAllV2 collective (a reduce-scatter's bytes), summed by the
@@ -132,11 +132,11 @@ def child(replicas: int, steps: int, mwms: bool = False) -> dict:
             times[mode].append(time.perf_counter() - start)
     anchor = np.array(times["unsharded"])
     params = sum(int(np.prod(v.shape)) for v in runs["unsharded"][0].trainable_variables)
-    fused_here = bool(getattr(fused, "mirrored_devices", None)) and fused.enabled()
+    fused_here = runs["unsharded"][1].step_plan().switches.fused
     out = {"replicas": replicas, "params": params, "steps": steps,
            "strategy": "MWMS, 1 CPU per worker process" if mwms else
            f"MirroredStrategy over {replicas} logical CPUs",
-           "replicated_path": ("fused chunks per device (fused.mirrored_devices)" if fused_here
+           "replicated_path": ("fused chunks per device (StepPlan.mirrored_devices)" if fused_here
                                else "per-variable (extended.update)"), "modes": {}}
     for mode in modes:
         _, optimizer, _ = runs[mode]

@@ -22,9 +22,9 @@ memory bandwidth of an XLA-compiled in-place triad (bench/optimizer_step.py) mea
 every turn among the candidates (mirrored: one process; mwms: both workers' triads at the
 same time, summed). Under MWMS Keras Adam pays Keras' all-reduce (the first floor row) and
 radam_dist's rows their own, which all-reduces large gradients one by one
-(``aggregation.split_all_reduce_sum``, the second floor row); under a single-process
+(``gradient_sums.all_reduce_large_apart``, the second floor row); under a single-process
 MirroredStrategy RectifiedAdam sums the gradients inside its own update
-(``aggregation.sums_in_graph``), so there its ``minus all-reduce`` column subtracts a cost
+(``StepPlan.sums_in_graph``), so there its ``minus all-reduce`` column subtracts a cost
 it does not pay: read ``vs bound``.
 
     .venv/bin/python bench/strategy_step.py --quick           # resnet50 + large, 3 turns
@@ -91,7 +91,7 @@ def run_workers(worker_args: Sequence[str], workers: int, timeout: float) -> Lis
     command = [sys.executable, str(WORKER), *worker_args]
     envs = [_env()]
     if workers > 1:
-        from radam_dist.distribute.cluster import local_cluster_spec, tf_config
+        from radam_dist.launch.cluster import local_cluster_spec, tf_config
 
         cluster = local_cluster_spec(workers)
         envs = [dict(_env(), TF_CONFIG=tf_config(cluster, "worker", i)) for i in range(workers)]
@@ -139,7 +139,7 @@ def step_table(results: List[dict]) -> Dict[str, dict]:
         bound_s = replicas * 28 * entry["parameters"] / bandwidth
         anchor = entry["per_run_s"][ADAM]
         floor = statistics.median(entry["per_run_s"].get(FLOOR, [0.0]))
-        # MWMS: radam_dist's rows pay their own all-reduce (aggregation.split_all_reduce_sum)
+        # MWMS: radam_dist's rows pay their own all-reduce (gradient_sums.all_reduce_large_apart)
         own_floor = statistics.median(entry["per_run_s"].get(SPLIT_FLOOR, [floor]))
         rows = {}
         for name, times in entry["per_run_s"].items():

@@ -33,8 +33,8 @@ _EXPORTS = {
     "ModelCheckpoint": "radam_dist.callbacks",
     "RectifiedAdam": "radam_dist.optimizers",
 }
-_SUBPACKAGES = ("callbacks", "distribute", "horovod", "optimizers", "ps", "radam_math", "fused",
-                "native")
+_SUBPACKAGES = ("callbacks", "distribute", "horovod", "launch", "optimizers", "ps", "radam_math",
+                "fused", "native")
 
 _requirements.require_installed()  # a missing TensorFlow / Keras: one clear error, now
 

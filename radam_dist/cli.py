@@ -43,7 +43,7 @@ def _launch(args: argparse.Namespace) -> int:
     placements = _placements(args.parser, args.netns)
     import os
 
-    from radam_dist.distribute.launcher import LocalCluster
+    from radam_dist.launch.local_cluster import LocalCluster
 
     env = dict(os.environ)
     if args.peer_timeout is not None:

@@ -13,20 +13,16 @@ bit-for-bit those of the per-variable path (``tests/test_fused_equivalence.py``)
 caller's own jit_compile, where XLA contracts freely, they agree to round-off. Sparse
 gradients stay on the per-variable path.
 
-Under MirroredStrategy and MultiWorkerMirroredStrategy (``mirrored_devices``) every local
+Under MirroredStrategy and MultiWorkerMirroredStrategy (``StepPlan.mirrored_devices``) every local
 device updates its own copies of the variables: one set of compiled chunks per device, placed
 there (``device=``), fed that device's copy of the all-reduced gradients and of the step
 scalars, bit-for-bit the per-variable ``extended.update`` (``tests/test_fused_strategies.py``).
 Under a single-process MirroredStrategy the chunks get every replica's gradient instead and
-add them in replica order themselves (``aggregation.all_reduce_or_defer``, ``_summed``).
+add them in replica order themselves (``distribute.gradient_sums.all_reduce_or_defer``, ``_summed``).
 ParameterServerStrategy keeps the per-variable path: its variables live on the servers.
 
-On CPU devices ``apply_dense`` hands float32 / float64 updates to the one-pass kernel
-(``radam_dist/native``: one loop, 28 bytes per parameter, the same bits) where it is built;
-the rest (16-bit variables, GPUs, a caller's jit_compile, ``RADAM_DIST_NATIVE=0``) take the
-chunks.
-
-Set ``RADAM_DIST_FUSED=0`` in the environment to take the per-variable path everywhere.
+Which update takes the chunks and which the one-pass kernel (``radam_dist/native``) is the
+step plan's choice (``radam_dist/step``); this module is the chunks' backend.
 """
 
 from __future__ import annotations
@@ -36,22 +32,21 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from radam_dist import native, radam_math
-from radam_dist._env import switched_on
+from radam_dist import radam_math
 
-ENV_SWITCH = "RADAM_DIST_FUSED"
+ENV_SWITCH = "RADAM_DIST_FUSED"  # 0: no chunks, per-variable everywhere (the step plan reads it)
 
 # Variables per compiled computation. XLA's compile time grows faster than linearly with
-# the number of variables in one computation (1,000 small ones: about a minute), and on
-# CPU a chunk of tens runs as fast per variable as one big computation.
+# the number of variables in one computation, and on CPU a chunk of tens runs as fast per
+# variable as one big computation.
 MAX_GROUP = 32
 
 
 # A variable of at least this many elements waits for the previous one in its chunk
 # (``_after``). Its four arrays (var, grad, m, v) then fill a 1 MiB L2 cache, and reading m
 # and v back while they are still cached pays; smaller variables stay in cache whatever
-# the order, and ordering them only costs XLA its freedom to overlap them (1,000 small
-# variables under jit_compile: 1.09x slower when all were ordered, bench/fused_order.py).
+# the order, and ordering them only costs XLA its freedom to overlap them (measured by
+# bench/fused_order.py; docs/BENCHMARKS.md, "Figures behind the code").
 ORDER_MIN_ELEMENTS = 1 << 16
 
 
@@ -64,49 +59,6 @@ class DenseUpdate(NamedTuple):
     v: tf.Variable
     vhat: Optional[tf.Variable]
     scalars: radam_math.StepScalars
-
-
-def enabled() -> bool:
-    """False when the environment switched the fast path off (``RADAM_DIST_FUSED=0``)."""
-    return switched_on(ENV_SWITCH)
-
-
-def applicable(distribution) -> bool:
-    """The fast path serves the default (no tf.distribute) strategy here; under
-    MirroredStrategy / MWMS see ``mirrored_devices``."""
-    return enabled() and not tf.distribute.has_strategy() and (
-        distribution is None or distribution is tf.distribute.get_strategy()
-    )
-
-
-def mirrored_devices(distribution) -> Optional[Tuple[str, ...]]:
-    """The local devices whose copies the update writes itself, or None (per-variable path).
-
-    Only MirroredStrategy and MultiWorkerMirroredStrategy in cross-replica context (inside
-    the optimizer's merge_call) qualify: there every variable is a mirror with one copy per
-    local device, and ``extended.update`` would run the per-variable update on each copy in
-    turn. Elsewhere (ParameterServerStrategy, whose variables live on the servers; a replica
-    context without merge_call, as under XLA on GPUs) the per-variable path stays.
-    """
-    from tensorflow.python.distribute import mirrored_strategy  # pylint: disable=import-outside-toplevel
-
-    if (not enabled() or distribution is None or not tf.distribute.in_cross_replica_context()
-            or not isinstance(distribution.extended, mirrored_strategy.MirroredExtended)):
-        return None
-    return tuple(distribution.extended.worker_devices)
-
-
-def local_value(distribution, value, index: int):
-    """Device ``index``'s component of ``value`` (a PerReplica / Mirrored value from
-    merge_call), or ``value`` itself where it is the same on every device."""
-    if isinstance(value, tf.distribute.DistributedValues):
-        return distribution.experimental_local_results(value)[index]
-    return value
-
-
-def local_scalars(distribution, scalars: radam_math.StepScalars, index: int):
-    """The step scalars of device ``index`` (each field its component there)."""
-    return radam_math.StepScalars(*(local_value(distribution, x, index) for x in scalars))
 
 
 def is_dense_float(grad, var) -> bool:
@@ -136,8 +88,7 @@ def _compiled_dense_update():
 
     Variables are arguments, not captures, so chunks of the same shapes share one trace and
     one XLA compilation (a model's repeated blocks compile once). Flat lists, because TF's
-    call of a function costs more per nested argument (with one tuple per variable, a
-    32-variable call took 2.4 ms eagerly against 1.6 ms). Each update waits for the
+    call of a function costs more per nested argument. Each update waits for the
     previous one (``_after``) when it is large: XLA's scheduler would otherwise run every
     m and v pass of the chunk before the first variable pass, which then re-reads m and v
     from memory instead of from the cache they were just written through.
@@ -157,7 +108,7 @@ def _compiled_dense_update():
 
 def _summed(grad):
     """A gradient, or the replicas' parts of one whose cross-replica sum was deferred to the
-    update (``aggregation.all_reduce_or_defer``): added here in replica order, inside the
+    update (``distribute.gradient_sums.all_reduce_or_defer``): added here in replica order, inside the
     compiled chunk, which saves writing and reading back the sum."""
     if not isinstance(grad, (tuple, list)):
         return grad
@@ -226,15 +177,21 @@ def _group_key(update: DenseUpdate) -> Tuple[int, bool, bool]:
 
 def apply_dense(updates: Sequence[DenseUpdate], cache: Optional[dict] = None,
                 device: Optional[str] = None) -> None:
-    """Apply every update, grouped by shared step scalars, in compiled chunks.
+    """Apply every update in compiled chunks, grouped by shared step scalars. An update of a
+    ``radam_math.Rows`` (a ZeRO replica's rows) gets its new value in ``update.var.value``.
 
     ``cache`` (the optimizer's) keeps the compiled functions from step to step. ``device``
-    (a mirror's copies, see ``mirrored_devices``) places the chunks there, each device with
+    (a mirror's copies, a replica's rows) places the chunks there, each device with
     compilations of its own.
     """
     cache = {} if cache is None else cache
     with _placed(device):
-        _apply_dense(updates, cache, device)
+        variables = [u for u in updates if not isinstance(u.var, radam_math.Rows)]
+        rows = [u for u in updates if isinstance(u.var, radam_math.Rows)]
+        if variables:
+            _apply_dense(variables, cache, device)
+        if rows:
+            _apply_dense_rows(rows, cache, device)
 
 
 def _placed(device: Optional[str]):
@@ -245,10 +202,7 @@ def _placed(device: Optional[str]):
 def _apply_dense(updates: Sequence[DenseUpdate], cache: dict, device: Optional[str]) -> None:
     groups: Dict[Tuple[int, bool, bool], List[DenseUpdate]] = {}
     for update in updates:
-        if native.serves(update, device):  # one pass over memory (radam_dist/native)
-            native.apply_dense(update)
-        else:
-            groups.setdefault(_group_key(update), []).append(update)
+        groups.setdefault(_group_key(update), []).append(update)
     for group in groups.values():
         scalars = group[0].scalars
 
@@ -285,15 +239,9 @@ def pull_back(
     """
     cache = {} if cache is None else cache
     with _placed(device):
-        rest = []
-        for var, slow in pairs:
-            if native.serves_pull_back(var, slow, device):  # one pass (radam_dist/native)
-                native.pull_back(var, slow, slow_step_size)
-            else:
-                rest.append((var, slow))
         alpha = tf.constant(slow_step_size, tf.float32)
         _in_chunks(
-            rest, cache,
+            pairs, cache,
             key=lambda chunk: ("lookahead", device) + _shapes(var for var, _ in chunk),
             compile_fn=_compiled_pull_back,
             call=lambda compiled, chunk: compiled(
@@ -301,9 +249,9 @@ def pull_back(
         )
 
 
-# -- ZeRO-1: one replica's shard (radam_dist/distribute/zero.py) ----------------------------------
+# -- ZeRO-1: one replica's chunk of rows (radam_dist/distribute/zero.py) ----------------------------------
 def _compiled_rows_update():
-    """A fresh XLA-compiled function over a shard's rows: like ``_compiled_dense_update``,
+    """A fresh XLA-compiled function over a replica's chunks of rows: like ``_compiled_dense_update``,
     but the variables are row tensors (the replica's chunk of each variable, a transient
     value, see ``radam_math.Rows``); returns their new values."""
 
@@ -323,35 +271,26 @@ def _compiled_rows_update():
     return apply_rows_chunk
 
 
-def apply_dense_rows(rows: Sequence[tf.Tensor], grads: Sequence[tf.Tensor],
-                     ms: Sequence[tf.Variable], vs: Sequence[tf.Variable],
-                     vhats: Sequence[Optional[tf.Variable]],
-                     scalars: Sequence[radam_math.StepScalars],
-                     cache: Optional[dict] = None, device: Optional[str] = None) -> List[tf.Tensor]:
-    """ZeRO-1's local update: ``radam_math.apply_dense`` on each shard (``rows[i]``, its
-    gradient rows and its m / v / vhat slot copies), in compiled chunks of ``MAX_GROUP``;
-    returns the new rows, in the order given. Bit for bit the per-variable path's (the
-    scalars are computed outside, as in ``apply_dense``)."""
-    cache = {} if cache is None else cache
-    out: List[Optional[tf.Tensor]] = [None] * len(rows)
-    groups: Dict[tuple, List[int]] = {}
-    for i, s in enumerate(scalars):
-        groups.setdefault((id(s.lr), s.has_weight_decay, vhats[i] is not None), []).append(i)
-    with _placed(device):
-        for (_, has_decay, has_vhat), members in groups.items():
-            members = sorted(members, key=lambda i: (rows[i].dtype.name, tuple(rows[i].shape)))
-            for start in range(0, len(members), MAX_GROUP):
-                chunk = members[start : start + MAX_GROUP]
-                key = ("radam-rows", device, has_decay, has_vhat) + tuple(
-                    (rows[i].dtype.name, tuple(rows[i].shape), grads[i].dtype.name)
-                    for i in chunk)
-                compiled = cache.get(key)
-                if compiled is None:
-                    compiled = cache[key] = _compiled_rows_update()
-                new = compiled([rows[i] for i in chunk], [ms[i] for i in chunk],
-                               [vs[i] for i in chunk],
-                               [vhats[i] for i in chunk] if has_vhat else [],
-                               [grads[i] for i in chunk], scalars[chunk[0]])
-                for i, value in zip(chunk, new):
-                    out[i] = value
-    return out
+def _apply_dense_rows(updates: Sequence[DenseUpdate], cache: dict,
+                      device: Optional[str]) -> None:
+    """ZeRO-1's local update in compiled chunks: ``radam_math.apply_dense`` on each chunk's
+    rows (``update.var``, a ``radam_math.Rows``: its value is replaced by the new rows), its
+    gradient rows and its m / v / vhat slot copies. Bit for bit the per-variable path's."""
+    groups: Dict[Tuple[int, bool, bool], List[DenseUpdate]] = {}
+    for update in updates:
+        groups.setdefault(_group_key(update), []).append(update)
+    for (_, has_decay, has_vhat), members in groups.items():
+        members = sorted(members, key=lambda u: (u.var.dtype.name, tuple(u.var.value.shape)))
+        for start in range(0, len(members), MAX_GROUP):
+            chunk = members[start : start + MAX_GROUP]
+            key = ("radam-rows", device, has_decay, has_vhat) + tuple(
+                (u.var.dtype.name, tuple(u.var.value.shape), u.grad.dtype.name) for u in chunk)
+            compiled = cache.get(key)
+            if compiled is None:
+                compiled = cache[key] = _compiled_rows_update()
+            new = compiled([u.var.value for u in chunk], [u.m for u in chunk],
+                           [u.v for u in chunk],
+                           [u.vhat for u in chunk] if has_vhat else [],
+                           [u.grad for u in chunk], chunk[0].scalars)
+            for u, value in zip(chunk, new):
+                u.var.value = value

@@ -255,7 +255,7 @@ def direction(m_t, v_hat_t, var, s: StepScalars):
 
 class Rows:
     """A transient stand-in for a variable, so that the updates below run on a tensor that is
-    not stored anywhere (a ZeRO shard's rows, a compiled chunk's slice): they read it, assign
+    not stored anywhere (a ZeRO replica's chunk of rows, a compiled chunk's slice): they read it, assign
     it and scatter-add to it like a variable; ``value`` holds the current tensor."""
 
     def __init__(self, value):
@@ -333,8 +333,8 @@ def apply_sparse(var, values, indices, m, v, vhat: Optional[tf.Variable], s: Ste
     a gather or scatter has touched is read by copy from then on (copy-on-read mode), and
     m and v are read whole every step: so their rows are added to the decayed tensor
     (``tensor_scatter_nd_add``, the same float additions) before it is assigned. A dense
-    read of ``var`` would copy the table too. (50,000 x 64: 18.0 -> 12.0 ms per step, min
-    of 9 runs on the 2-core VM; the same bits.)
+    read of ``var`` would copy the table too (docs/BENCHMARKS.md, "Figures behind the
+    code").
     """
     dtype = s.lr.dtype
     values, indices = deduplicate(_read(values, dtype), indices)

@@ -54,7 +54,7 @@ def in_namespace(name: str, fn):
     """``fn()`` in a thread that entered namespace ``name`` (sockets it makes live there)."""
     import threading
 
-    from radam_dist.distribute import netns
+    from radam_dist.launch import netns
 
     result = {}
 

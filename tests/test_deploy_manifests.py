@@ -418,6 +418,26 @@ def build_worker_flags(job: dict) -> dict:
     return dict(flags, targets=argv[start:end])
 
 
+def test_worker_job_runs_the_demo_worker_its_image_carries(rendered):
+    """The wheel ships no examples: the worker Job's image is deploy/ps/Dockerfile.demo-worker's
+    (the shard image plus examples/ps/demo.py), and the Job runs the file that image copies."""
+    job = next(d for d in rendered if d["kind"] == "Job")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    dockerfile = (DEPLOY / "ps" / "Dockerfile.demo-worker").read_text()
+    (copy,) = [line.split()[1:] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    source, target = copy
+    assert source == "examples/ps/demo.py" and (REPO / source).exists()
+    assert f"!{source}" in (REPO / ".dockerignore").read_text().splitlines()
+    (wline,) = container["args"]
+    argv = shlex.split(wline.replace('"$JOB_COMPLETION_INDEX"', "0"))
+    assert argv[:4] == ["exec", "python", target, "worker"], argv
+    assert container["image"].split(":")[0] in dockerfile  # the tag the Dockerfile says to build
+    base = [line for line in dockerfile.splitlines() if line.startswith("ARG BASE_IMAGE=")]
+    assert base == ["ARG BASE_IMAGE=radam-ps:0.1.0"]
+    sts = next(d for d in rendered if d["kind"] == "StatefulSet")
+    assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == "radam-ps:0.1.0"
+
+
 def test_launch_local_gives_up_when_a_shard_dies(tmp_path):
     out = tmp_path / "local"
     out.mkdir()

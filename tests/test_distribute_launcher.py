@@ -282,6 +282,48 @@ def test_help_lists_examples_exit_codes_and_environment_without_tensorflow():
     assert "tensorflow" not in imported
 
 
+LAUNCH_PACKAGE = ch.ROOT / "radam_dist" / "launch"
+
+
+def _launch_modules():
+    """radam_dist.launch and every module in it, by file (a new module is covered at once)."""
+    return ["radam_dist.launch"] + sorted(
+        f"radam_dist.launch.{p.stem}" for p in LAUNCH_PACKAGE.glob("*.py") if p.stem != "__init__")
+
+
+def test_the_launch_package_imports_no_tensorflow_or_keras():
+    """Process management is its own package, standard library only: every module of it
+    imported in a fresh interpreter leaves TensorFlow and Keras unloaded."""
+    modules = _launch_modules()
+    assert {"radam_dist.launch.cluster", "radam_dist.launch.local_cluster",
+            "radam_dist.launch.netns", "radam_dist.launch.supervisor"} <= set(modules)
+    probe = ("import importlib, json, sys\n"
+             "for name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('tensorflow', 'keras', 'tf_keras'))))")
+    proc = subprocess.run([sys.executable, "-c", probe, *modules], cwd=ch.ROOT,
+                          env=ch.quiet_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [], proc.stdout
+
+
+def test_the_launch_package_never_imports_tensorflow_even_lazily():
+    """Not even inside a function: a TensorFlow import belongs to radam_dist.distribute."""
+    import ast
+
+    for path in sorted(LAUNCH_PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            heavy = [n for n in names if n.split(".")[0] in ("tensorflow", "keras", "tf_keras")
+                     or n.startswith(("radam_dist.distribute", "radam_dist.optimizers"))]
+            assert not heavy, f"{path.name}:{node.lineno} imports {heavy}"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max-restarts", "-1"], "--max-restarts must be >= 0"),
     (["--grace", "-1"], "--grace and --stop-grace must be >= 0"),

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from ps_helpers import REPO, ServerPool
-from radam_dist.distribute.cluster import free_loopback_ports
+from radam_dist.launch.cluster import free_loopback_ports
 from radam_dist.ps.client import AuthenticationError, PSClient, TLSMismatchError
 
 TOKEN = "token-for-the-error-tests"

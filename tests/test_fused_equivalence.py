@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 from radam_dist import Lookahead, RectifiedAdam, fused, native, radam_math
+from radam_dist import executor
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -64,15 +65,16 @@ def _run(make_optimizer, mode, dtype=tf.float32, sparse_index=None, lookahead=Fa
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts the variables that went through the fused path (a spy; the real path runs)."""
+    """Counts the variables that went through the fused path (the executor's dense updates,
+    by the kernel or in chunks; a spy, the real path runs)."""
     counted = []
-    real = fused.apply_dense
+    real = executor.update_dense
 
     def spy(updates, **kwargs):
         counted.append(len(updates))
         return real(updates, **kwargs)
 
-    monkeypatch.setattr(fused, "apply_dense", spy)
+    monkeypatch.setattr(executor, "update_dense", spy)
     return counted
 
 
@@ -170,14 +172,19 @@ def test_lookahead_syncs_in_one_branch_through_the_fused_pull_back(mode, monkeyp
     """Without a strategy the synchronisation is one branch for all variables; outside a
     caller's XLA its pull-backs run in compiled chunks (spied), and the slow weights end
     where the per-variable path puts them."""
-    pulled = []
-    real = fused.pull_back
+    pulled, chunked = [], []
+    real, real_chunks = executor.pull_back, fused.pull_back
 
     def spy(pairs, *args, **kwargs):
         pulled.append(len(pairs))
         return real(pairs, *args, **kwargs)
 
-    monkeypatch.setattr(fused, "pull_back", spy)
+    def chunk_spy(pairs, *args, **kwargs):
+        chunked.append(len(pairs))
+        return real_chunks(pairs, *args, **kwargs)
+
+    monkeypatch.setattr(executor, "pull_back", spy)
+    monkeypatch.setattr(fused, "pull_back", chunk_spy)
     make = CASES["lookahead"]["make"]
     monkeypatch.setenv(fused.ENV_SWITCH, "0")
     plain = _run(make, mode, lookahead=True)
@@ -188,8 +195,8 @@ def test_lookahead_syncs_in_one_branch_through_the_fused_pull_back(mode, monkeyp
         assert pulled == [len(SHAPES)] * 2
     elif mode == "function":  # traced (the first call also builds the slots, and retraces)
         assert pulled and set(pulled) == {len(SHAPES)}
-    else:  # the caller's XLA compiles the pull-backs into its own computation
-        assert pulled == []
+    else:  # the caller's XLA compiles the pull-backs into its own computation: no chunks
+        assert pulled and set(pulled) == {len(SHAPES)} and chunked == []
     slow_weights = fast[len(SHAPES):2 * len(SHAPES)]
     assert not any(np.array_equal(s, x) for s, x in zip(slow_weights, _initial(tf.float32)))
     for a, b in zip(plain, fast):
@@ -355,5 +362,5 @@ def test_fast_path_is_off_under_a_distribution_strategy(fused_calls):
         optimizer = RectifiedAdam(learning_rate=0.1)
     strategy.run(lambda: optimizer.apply_gradients([(tf.constant([0.5, -0.5]), var)]))
     assert fused_calls == []
-    assert fused.applicable(tf.distribute.get_strategy())
-    assert not fused.applicable(strategy)
+    assert RectifiedAdam().step_plan().compiles_without_strategy(tf.distribute.get_strategy())
+    assert not optimizer.step_plan().compiles_without_strategy(strategy)

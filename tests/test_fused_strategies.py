@@ -11,12 +11,12 @@ amsgrad and two Lookahead synchronisations, through ``strategy.run`` in a tf.fun
 through ``model.fit``.
 
 Under a single-process MirroredStrategy the dense gradients' cross-replica sum runs in the
-step's own graph (``aggregation.all_reduce_or_defer``; the fused chunks add the replicas'
+step's own graph (``gradient_sums.all_reduce_or_defer``; the fused chunks add the replicas'
 gradients): bit for bit Keras' ring all-reduce at N=2 (``RADAM_DIST_INGRAPH_SUM=0``), also
 behind the accumulation gate; clipping keeps Keras' all-reduce; N=4 to round-off.
 
 Under MWMS the large dense gradients are all-reduced one by one
-(``aggregation.split_all_reduce_sum``): bit for bit Keras' single pack at N=2
+(``gradient_sums.all_reduce_large_apart``): bit for bit Keras' single pack at N=2
 (``RADAM_DIST_ALL_REDUCE_SPLIT=0``), in the same two-worker run as the fused check.
 """
 
@@ -35,7 +35,7 @@ import fused_bits  # noqa: E402
 
 import radam_dist  # noqa: E402
 from radam_dist import fused  # noqa: E402
-from radam_dist.distribute import aggregation  # noqa: E402
+from radam_dist.distribute import gradient_sums  # noqa: E402
 
 
 def _assert_fused_matches_plain(name, case, expected_devices):
@@ -74,14 +74,16 @@ def test_only_a_mirrored_strategys_cross_replica_context_takes_the_per_device_pa
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     strategy = tf.distribute.MirroredStrategy(devices)
     with strategy.scope():  # cross-replica context (as inside the optimizer's merge_call)
-        assert fused.mirrored_devices(strategy) == tuple(strategy.extended.worker_devices)
-    in_replica = strategy.run(lambda: tf.constant(fused.mirrored_devices(strategy) is None))
+        plan = radam_dist.RectifiedAdam().step_plan()
+        assert plan.mirrored_devices(strategy) == tuple(strategy.extended.worker_devices)
+    in_replica = strategy.run(lambda: tf.constant(plan.mirrored_devices(strategy) is None))
     assert all(bool(x) for x in strategy.experimental_local_results(in_replica))
-    assert fused.mirrored_devices(None) is None
-    assert fused.mirrored_devices(tf.distribute.get_strategy()) is None  # the default one
-    monkeypatch.setenv(fused.ENV_SWITCH, "0")
+    assert plan.mirrored_devices(None) is None
+    assert plan.mirrored_devices(tf.distribute.get_strategy()) is None  # the default one
+    monkeypatch.setenv(fused.ENV_SWITCH, "0")  # read when an optimizer (its plan) is made
     with strategy.scope():
-        assert fused.mirrored_devices(strategy) is None
+        assert plan.mirrored_devices(strategy) is not None
+        assert radam_dist.RectifiedAdam().step_plan().mirrored_devices(strategy) is None
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def test_multi_worker_mirrored_fused_step_is_bit_for_bit_the_per_variable_step(m
 
 @pytest.mark.timeout(220)
 def test_multi_worker_split_all_reduce_is_bit_for_bit_keras_single_pack(mwms_results):
-    """aggregation.split_all_reduce_sum (each large dense gradient in a collective of its own;
+    """gradient_sums.all_reduce_large_apart (each large dense gradient in a collective of its own;
     here every dense one, SPLIT_MIN_BYTES = 0, the Embedding's IndexedSlices through Keras)
     against Keras' single pack (RADAM_DIST_ALL_REDUCE_SPLIT=0): the same bits at N=2 on
     every copy of every variable and optimizer variable after 7 steps."""
@@ -124,21 +126,21 @@ def test_multi_worker_split_all_reduce_is_bit_for_bit_keras_single_pack(mwms_res
         assert split["split"][0] != initial  # it trained: the comparison can fail
 
 
-# -- the gradients' cross-replica sum in the step's own graph (aggregation.sums_in_graph) --------
+# -- the gradients' cross-replica sum in the step's own graph (StepPlan.sums_in_graph) --------
 
 
 @pytest.fixture
 def deferred_spy(monkeypatch):
     """Records, per traced step, which gradients RectifiedAdam left unreduced for the in-graph
-    sum (``aggregation.all_reduce_or_defer``'s second result)."""
-    real, seen = aggregation.all_reduce_or_defer, []
+    sum (``gradient_sums.all_reduce_or_defer``'s second result)."""
+    real, seen = gradient_sums.all_reduce_or_defer, []
 
     def spy(*args, **kwargs):
         pairs, deferred = real(*args, **kwargs)
         seen.append(deferred)
         return pairs, deferred
 
-    monkeypatch.setattr(aggregation, "all_reduce_or_defer", spy)
+    monkeypatch.setattr(gradient_sums, "all_reduce_or_defer", spy)
     return seen
 
 
@@ -154,10 +156,10 @@ def test_mirrored_in_graph_sum_is_bit_for_bit_keras_all_reduce(monkeypatch, defe
     data = fused_bits.make_data()
     # Lookahead(RectifiedAdam), 7 steps, 2 syncs; the per-variable path (RADAM_DIST_FUSED=0)
     # takes the same sum: the first test here compares it with this fused one.
-    monkeypatch.setenv(aggregation.INGRAPH_SWITCH, "0")
+    monkeypatch.setenv(gradient_sums.INGRAPH_SWITCH, "0")
     ring = fused_bits.loop(strategy, "ranger", data)
     assert deferred_spy and not any(any(d) for d in deferred_spy), "switch off: Keras' all-reduce"
-    monkeypatch.setenv(aggregation.INGRAPH_SWITCH, "1")
+    monkeypatch.setenv(gradient_sums.INGRAPH_SWITCH, "1")
     del deferred_spy[:]
     own = fused_bits.loop(strategy, "ranger", data)
     # The Embedding's sparse gradient keeps Keras' all-reduce; the 4 dense ones sum in-graph.
@@ -197,9 +199,9 @@ def _small_run(strategy, kwargs):
 def test_in_graph_sum_with_clipping_and_the_gate(monkeypatch, deferred_spy, kwargs, deferred):
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     strategy = tf.distribute.MirroredStrategy(devices)
-    monkeypatch.setenv(aggregation.INGRAPH_SWITCH, "0")
+    monkeypatch.setenv(gradient_sums.INGRAPH_SWITCH, "0")
     ring = _small_run(strategy, kwargs)
-    monkeypatch.setenv(aggregation.INGRAPH_SWITCH, "1")
+    monkeypatch.setenv(gradient_sums.INGRAPH_SWITCH, "1")
     del deferred_spy[:]
     own = _small_run(strategy, kwargs)
     assert deferred_spy and all(d == (True, True) if deferred else not any(d)
@@ -215,11 +217,11 @@ import tensorflow as tf
 cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 4)
 from radam_dist import RectifiedAdam
-from radam_dist.distribute import aggregation
+from radam_dist.distribute import gradient_sums
 strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
 shapes = [(64, 33), (33,)]
 def run(in_graph):
-    os.environ[aggregation.INGRAPH_SWITCH] = in_graph
+    os.environ[gradient_sums.INGRAPH_SWITCH] = in_graph
     with strategy.scope():
         vs = [tf.Variable(tf.random.stateless_normal(s, (1, i))) for i, s in enumerate(shapes)]
         opt = RectifiedAdam(1e-2)

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 import radam_dist
 from radam_dist import fused, native
+from radam_dist import executor
 
 PATHS = ["native", "xla", "plain", "mirrored"]
 KINDS = ["radam", "ranger"]
@@ -131,7 +132,7 @@ def _trajectory(path, make, steps=4, grads=GRADS, split=True):
 def test_the_paths_are_the_paths_they_say(path, monkeypatch):
     """The parametrization reaches the kernel, the XLA chunks, the per-variable step."""
     calls = {"native": 0, "fused": 0}
-    real_native, real_fused = native.apply_dense, fused.apply_dense
+    real_native, real_fused = native.apply_dense, executor.update_dense
 
     def spy_native(*a, **k):
         calls["native"] += 1
@@ -142,7 +143,7 @@ def test_the_paths_are_the_paths_they_say(path, monkeypatch):
         return real_fused(*a, **k)
 
     monkeypatch.setattr(native, "apply_dense", spy_native)
-    monkeypatch.setattr(fused, "apply_dense", spy_fused)
+    monkeypatch.setattr(executor, "update_dense", spy_fused)
     _trajectory(path, lambda: _optimizer("radam"), steps=1)
     if path.name == "plain":
         assert calls == {"native": 0, "fused": 0}

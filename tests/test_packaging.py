@@ -87,7 +87,13 @@ def test_wheel_carries_stubs_proto_license_and_no_tensorflow_requirement(dists):
     assert "radam_dist/native/radam_kernel.cc" in names  # compiled on the user's machine
     assert proto == (REPO / "protos/radam_dist/ps/v1/ps.proto").read_bytes()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
-    assert not any(n.startswith(("tests/", "protos/")) for n in names)
+    assert not any(n.startswith(("tests/", "protos/", "examples/")) for n in names)
+    # The demos are examples/ in the checkout (make demo), not library modules.
+    demos = [n for n in names if n.endswith(".py") and "demo" in n.rsplit("/", 1)[-1]]
+    assert not demos, demos
+    assert {"radam_dist/launch/__init__.py", "radam_dist/launch/supervisor.py",
+            "radam_dist/optimizers/legacy_keras.py", "radam_dist/step/plan.py",
+            "radam_dist/ps/storage/FORMATS.md"} <= names
     requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines()
                 if line.startswith("Requires-Dist:")]
     unconditional = [r for r in requires if "extra ==" not in r]
@@ -99,8 +105,8 @@ def test_wheel_carries_stubs_proto_license_and_no_tensorflow_requirement(dists):
     assert "radam-ps = radam_dist.ps.cli:main" in entry_points
     with tarfile.open(sdist) as tf:
         members = {m.split("/", 1)[1] for m in tf.getnames() if "/" in m}
-    assert {"protos/radam_dist/ps/v1/ps.proto", "build_hooks.py", "LICENSE", "pyproject.toml",
-            "radam_dist/native/radam_kernel.cc"} <= members
+    assert {"protos/radam_dist/ps/v1/ps.proto", "setup.py", "LICENSE", "pyproject.toml",
+            "radam_dist/native/radam_kernel.cc", "radam_dist/ps/storage/FORMATS.md"} <= members
     assert not any("_generated" in m for m in members)  # the build generates them, always fresh
 
 

@@ -8,7 +8,7 @@ and SIGTERM left a checkpoint at the final version on each shard.
 
 import pytest
 
-from radam_dist.ps import demo
+from examples.ps import demo
 
 
 @pytest.mark.timeout(240)

@@ -16,7 +16,7 @@ layer whose 1-row bias is padded), check:
 * over 4 replicas (Lookahead(RectifiedAdam), in a process of its own) they agree to float32
   round-off: the ring all-reduce may add the four gradients in another order than our
   0 + 1 + 2 + 3 (on this model they happened to give the same bits);
-* the local shard's update in compiled chunks (``fused.apply_dense_rows``) gives the bits of
+* the local shard's update in compiled chunks (``executor.update_rows``) gives the bits of
   the per-variable update: of all-reduce+slice's (above), and of the local exchange's with
   ``RADAM_DIST_FUSED=0`` (amsgrad);
 * under MWMS x2 (one pair of worker processes, three optimizers in turn) ``all-to-all`` is
@@ -42,6 +42,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["four"]:  # pytest: conftest.py m
         tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 4)
 
 import radam_dist  # noqa: E402
+from radam_dist import native, radam_math  # noqa: E402
 from radam_dist.distribute import zero  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "distribute_scripts"))
@@ -207,8 +208,8 @@ def _mwms_worker(out_path):
     os.environ.pop(zero.EXCHANGE_ENV, None)
     with strategy.scope():
         result["fallbacks"] = {
-            name: zero.choose_exchange(radam_dist.RectifiedAdam(
-                shard_optimizer_state=True, **{name: value}), strategy)[0]
+            name: radam_dist.RectifiedAdam(
+                shard_optimizer_state=True, **{name: value}).step_plan().zero_exchange()[0]
             for name, value in (("clipnorm", 1.0), ("global_clipnorm", 1.0),
                                 ("all_reduce_dtype", "float16"))}
     if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 0:
@@ -252,14 +253,32 @@ def test_clipnorm_takes_all_reduce_and_slice():
 
 
 def test_fused_local_shard_is_bit_equal_to_the_per_variable_update(monkeypatch):
-    """amsgrad here; without it the two-replica test above compares the compiled local
-    update with the per-variable update of all-reduce+slice."""
-    fused_run = _run(2, amsgrad=True)
+    """amsgrad here; without it the two-replica test above compares the local update with
+    the per-variable update of all-reduce+slice. The shards' rows take the one-pass kernel
+    (the step plan's choice on CPU), the XLA chunks with RADAM_DIST_NATIVE=0, and one TF op
+    at a time with RADAM_DIST_FUSED=0: the same bits all three ways."""
+    rows_served = []
+    real = native.apply_dense
+
+    def spy(update):
+        if isinstance(update.var, radam_math.Rows):
+            rows_served.append(update)
+        return real(update)
+
+    monkeypatch.setattr(native, "apply_dense", spy)
+    kernel_run = _make_run(2, "radam", amsgrad=True)
+    assert rows_served, "the one-pass kernel served no shard's rows"
+    assert not any(k[0] == "radam-rows" for k in kernel_run[3]._fused_compiled)
+    monkeypatch.setenv("RADAM_DIST_NATIVE", "0")
+    del rows_served[:]
+    chunks_run = _make_run(2, "radam", amsgrad=True)
+    assert not rows_served
+    assert any(k[0] == "radam-rows" for k in chunks_run[3]._fused_compiled)  # chunks ran
     monkeypatch.setenv("RADAM_DIST_FUSED", "0")
-    plain = _run(2, amsgrad=True)
-    assert any(k[0] == "radam-rows" for k in fused_run[3]._fused_compiled)  # chunks ran
+    plain = _make_run(2, "radam", amsgrad=True)
     assert not plain[3].__dict__.get("_fused_compiled")
-    _assert_bit_equal(fused_run, plain)
+    _assert_bit_equal(kernel_run, plain)
+    _assert_bit_equal(chunks_run, plain)
 
 
 def test_bytes_sent_per_replica_is_the_formula():
@@ -273,7 +292,7 @@ def test_bytes_sent_per_replica_is_the_formula():
     entries = k * (row + index)  # (N - 1) k (R + X) with N = 2
     local = zero.bytes_sent_per_replica(optimizer, sparse_rows=k)
     assert local["exchange"] == zero.LOCAL_REDUCE_SCATTER
-    # back: the changes of at most a shard's rows (12 here) with their indices
+    # back: the changes of at most a chunk's rows (12 here) with their indices
     changed = 12 * (row + index)
     assert (local["reduce"], local["gather"]) == (p // 2 + entries, p // 2 + changed)
     sliced = zero.bytes_sent_per_replica(optimizer, zero.ALL_REDUCE_SLICE, sparse_rows=k)

@@ -10,6 +10,8 @@ SHARDS=${1:-2}
 WORKERS=${2:-2}
 OUT=${3:-out/ps-local}
 PY=${PY:-.venv/bin/python}
+# the demo worker: examples/ps/demo.py of this checkout (examples are not in the wheel)
+DEMO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/examples/ps/demo.py
 mkdir -p "$OUT"
 TOKEN_FILE="$OUT/token"
 [ -s "$TOKEN_FILE" ] || (umask 077; $PY -c 'import secrets; print(secrets.token_urlsafe(32))' > "$TOKEN_FILE")
@@ -51,7 +53,7 @@ done
 echo "shards: ${ports[*]}"
 wpids=()
 for ((w = 0; w < WORKERS; w++)); do
-  $PY -m radam_dist.ps.demo worker --out "$OUT" --index "$w" --num-workers "$WORKERS" \
+  $PY "$DEMO" worker --out "$OUT" --index "$w" --num-workers "$WORKERS" \
       --targets "${ports[@]}" --token-file "$TOKEN_FILE" >"$OUT/worker-$w.log" 2>&1 &
   wpids+=($!)
 done

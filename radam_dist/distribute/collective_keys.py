@@ -15,6 +15,13 @@ instance keys, are its own. Bases are handed out in creation order; under MWMS e
 process runs the same script, creates its strategies in the same order and so agrees on the
 keys. Installed when radam_dist's optimizers are imported; strategies created before that keep
 TensorFlow's base 0, which no later strategy reuses.
+
+Why a patch of ``__init__``: TensorFlow offers no hook. The base is read from the strategy
+object while its own ``__init__`` builds the extended object's ``CollectiveKeys`` (before
+``__init__`` returns, so it cannot be set afterwards), the strategies are made by user code
+(we cannot hand out a subclass), and a class attribute set around each creation would race
+between threads. ``__init__`` is the one place left; the wrapper only sets the attribute and
+calls TensorFlow's own.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ shards dense slices). RectifiedAdam and Lookahead expand their variable lists th
 when they build, so each shard gets its own m / v / vhat / slow slot, created colocated with
 that shard, i.e. on the same parameter server; ``get_slot(sharded_var, name)`` reassembles
 the shard slots into a ShardedVariable. Gradients given for a whole sharded variable are
-split by rows (``split_gradient``), so ``apply_gradients`` takes either form.
+split by rows (``gradient_per_shard``), so ``apply_gradients`` takes either form.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 from tensorflow.python.distribute import sharded_variable as _sharded  # ShardedVariable type
+
+from radam_dist.distribute.state_layout import StateLayout
 
 ShardedVariable = _sharded.ShardedVariable
 
@@ -64,7 +66,7 @@ def expand_sharded(variables: Sequence) -> list:
     return expanded
 
 
-def split_gradient(grad, variable) -> list:
+def gradient_per_shard(grad, variable) -> list:
     """Split the gradient of a whole sharded ``variable`` into one gradient per shard.
 
     Dense gradients are split by rows; IndexedSlices keep the rows that fall in each shard,
@@ -90,7 +92,7 @@ def split_gradient(grad, variable) -> list:
     return pieces
 
 
-def split_sharded(grads: Sequence, variables: Sequence) -> Tuple[list, list]:
+def expand_sharded_pairs(grads: Sequence, variables: Sequence) -> Tuple[list, list]:
     """``(grads, variables)`` with sharded variables (and their gradients) split into shards.
 
     Returns the inputs unchanged (as lists) when nothing is sharded, so the common path
@@ -102,7 +104,7 @@ def split_sharded(grads: Sequence, variables: Sequence) -> Tuple[list, list]:
     out_grads, out_vars = [], []
     for grad, variable in zip(grads, variables):
         if is_sharded(variable):
-            out_grads.extend(split_gradient(grad, variable))
+            out_grads.extend(gradient_per_shard(grad, variable))
             out_vars.extend(shards_of(variable))
         else:
             out_grads.append(grad)
@@ -142,9 +144,6 @@ def describe_placement(variables, optimizer) -> Dict[str, Dict[str, List[str]]]:
 
 
 # -- the state layout (radam_dist/distribute/state_layout.py) --------------------------------------
-from radam_dist.distribute.state_layout import StateLayout  # noqa: E402  (no import cycle)
-
-
 class ParameterServerSharded(StateLayout):
     """ParameterServerStrategy: one slot per variable shard, colocated with that shard; the
     whole slot of a sharded variable is the ShardedVariable of its shard slots."""
@@ -154,8 +153,8 @@ class ParameterServerSharded(StateLayout):
     def expand(self, variables: Sequence) -> list:
         return expand_sharded(variables)
 
-    def split(self, grads: Sequence, variables: Sequence) -> Tuple[list, list]:
-        return split_sharded(grads, variables)
+    def expand_pairs(self, grads: Sequence, variables: Sequence) -> Tuple[list, list]:
+        return expand_sharded_pairs(grads, variables)
 
     def get_slot(self, optimizer, var, name: str):
         if is_sharded(var):

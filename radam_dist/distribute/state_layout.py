@@ -1,7 +1,8 @@
 """Where an optimizer's state lives: the one seam between the optimizers and tf.distribute.
 
 RectifiedAdam and Lookahead never ask which distribution mode they run under; they ask their
-``StateLayout``, chosen once from the optimizer's strategy when it is made:
+``StateLayout``, chosen once from the optimizer's strategy when it is made (``layouts.py``,
+for the step plan):
 
 * ``Replicated`` (this file): every replica (or the one device) holds every slot, as Keras
   variables the optimizer tracks;
@@ -15,6 +16,9 @@ Every path that touches the state goes through the layout: ``build``, the update
 and ``tf.train.Checkpoint``. Whatever the layout, the state *seen from outside* is the same
 list, in tfa's order (the logical state): a ``.keras`` file or a checkpoint written under one
 layout or replica count loads under any other. A new layout is one subclass.
+
+A layout talks to its optimizer only through the small protocol of ``state_host.py``
+(``StateHost``): no private name of the optimizer is used here or in the other layouts.
 """
 
 from __future__ import annotations
@@ -24,12 +28,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 from tensorflow.python.distribute import device_util
-
-from radam_dist.distribute import collective_keys
-
-# Every strategy object made after radam_dist is imported gets its own collective keys, so
-# several MirroredStrategy / MWMS objects can live in one process (see collective_keys.py).
-collective_keys.install()
 
 
 class StateLayout:
@@ -43,7 +41,7 @@ class StateLayout:
         """The variables slots are made for (``ParameterServerSharded``: the shards)."""
         return list(variables)
 
-    def split(self, grads: Sequence, variables: Sequence) -> Tuple[list, list]:
+    def expand_pairs(self, grads: Sequence, variables: Sequence) -> Tuple[list, list]:
         """``(grads, variables)`` as the update takes them (see ``expand``)."""
         return list(grads), list(variables)
 
@@ -68,14 +66,14 @@ class StateLayout:
 
     def slot_variable(self, optimizer, name: str, var):
         """The tf.Variable the replicated update reads and assigns, or None (no such slot)."""
-        per_var = optimizer._slots.get(name)
+        per_var = optimizer.slot_table().get(name)
         if per_var is None:
             return None
-        slot = per_var[optimizer._get_variable_index(var)]
+        slot = per_var[optimizer.variable_index(var)]
         return slot.value if isinstance(slot, keras.Variable) else slot
 
     def local_copies(self, distribution, variable, devices: Sequence[str]) -> Optional[tuple]:
-        """``variable``'s copy on each of ``devices`` (``fused.mirrored_devices``), in that
+        """``variable``'s copy on each of ``devices`` (``StepPlan.mirrored_devices``), in that
         order, for an update that writes each device's copy itself; None where ``variable``
         is not a mirror with exactly those copies (it then takes ``extended.update``)."""
         if not isinstance(variable, tf.distribute.DistributedValues):
@@ -89,17 +87,17 @@ class StateLayout:
 
     # -- inspection -----------------------------------------------------------------------
     def slot_names(self, optimizer) -> List[str]:
-        return list(optimizer._slots)
+        return list(optimizer.slot_table())
 
     def get_slot(self, optimizer, var, name: str):
-        slot = optimizer._slots[name][optimizer._index_of(var)]
+        slot = optimizer.slot_table()[name][optimizer.variable_index(var)]
         if slot is None:
             raise KeyError(f"no {name!r} slot was created for this variable")
         return slot
 
     def slot_entries(self, optimizer) -> list:
         """Every slot in creation order: variables, or variable-like whole views."""
-        return [slot for per_var in optimizer._slots.values() for slot in per_var
+        return [slot for per_var in optimizer.slot_table().values() for slot in per_var
                 if slot is not None]
 
     def logical_variables(self, optimizer, own_variables: Sequence) -> list:
@@ -155,54 +153,14 @@ OLD_ZERO_MESSAGE = (
 )
 
 
-class _RefusingDeferred(dict):
-    """An optimizer's deferred checkpoint dependencies that refuse the earlier ZeRO layout."""
+def _refuse_old_zero_child(optimizer_name: str):
+    def guard(child: str) -> None:
+        if child == OLD_ZERO_CHILD:
+            raise OldZeroCheckpoint(OLD_ZERO_MESSAGE.format(name=optimizer_name))
 
-    def __init__(self, name, *args):
-        super().__init__(*args)
-        self.optimizer_name = name
-
-    def _check(self, key):
-        if key == OLD_ZERO_CHILD:
-            raise OldZeroCheckpoint(OLD_ZERO_MESSAGE.format(name=self.optimizer_name))
-
-    def setdefault(self, key, default=None):
-        self._check(key)
-        return super().setdefault(key, default)
-
-    def __setitem__(self, key, value):
-        self._check(key)
-        super().__setitem__(key, value)
+    return guard
 
 
 def _refuse_old_zero_layout(optimizer) -> None:
-    optimizer._maybe_initialize_trackable()
-    table = getattr(optimizer, "_self_unconditional_deferred_dependencies", None)
-    if isinstance(table, dict) and not isinstance(table, _RefusingDeferred):
-        object.__setattr__(optimizer, "_self_unconditional_deferred_dependencies",
-                           _RefusingDeferred(getattr(optimizer, "name", "optimizer"), table))
-
-
-def for_optimizer(optimizer, shard_state: bool) -> StateLayout:
-    """The layout for ``optimizer`` under its strategy.
-
-    ``shard_state`` asks for ZeRO-1: honoured under MirroredStrategy / MWMS (also with one
-    replica), refused under ParameterServerStrategy, and without a strategy it is the
-    replicated layout (one device holds the whole state either way), so a sharded optimizer
-    and its saved files work in a plain process too.
-    """
-    from radam_dist.distribute import pss, zero  # the layouts; imported here, not at the top
-
-    strategy = optimizer._distribution_strategy
-    if isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy):
-        if shard_state:
-            raise ValueError(
-                "shard_optimizer_state=True is for MirroredStrategy / "
-                "MultiWorkerMirroredStrategy; under ParameterServerStrategy give the strategy a "
-                "variable_partitioner instead (the slots are then sharded with their variables "
-                "over the parameter servers)"
-            )
-        return pss.ParameterServerSharded()
-    if shard_state and zero.supports(strategy):
-        return zero.ReplicaSharded()
-    return Replicated()
+    optimizer.guard_checkpoint_children(
+        _refuse_old_zero_child(getattr(optimizer, "name", "optimizer")))

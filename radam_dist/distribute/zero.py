@@ -10,11 +10,11 @@ A step:
    MirroredStrategy by a reduce-scatter in the step's own graph (``local-reduce-scatter``),
    under MWMS by an all-to-all collective of the dense gradients' row blocks, summed by the
    receiver (``all-to-all``), where the step needs the whole sum by Keras' all-reduce and a
-   slice (``all-reduce+slice``); ``choose_exchange`` says why (TensorFlow has no CPU
+   slice (``all-reduce+slice``); the step plan (``StepPlan.zero_exchange``) says why (TensorFlow has no CPU
    reduce-scatter collective);
 2. each replica runs radam_math's update on its chunk (the chunk of the variable is a
    transient tensor in a ``radam_math.Rows`` cell, which radam_math reads and assigns like a variable;
-   dense gradients of the local exchange in compiled chunks, ``fused.apply_dense_rows``);
+   dense updates by the plan's kernel, ``executor.update_rows``);
 3. the updated chunks are all-gathered into every replica's copy of the variable (for a
    sparse gradient only the changes of the touched rows, with their indices, which every
    replica adds to its copy).
@@ -31,9 +31,7 @@ ZeRO off, or without a strategy.
 from __future__ import annotations
 
 import functools
-import logging
 import math
-import os
 from typing import Dict, List, Optional, Sequence
 
 import keras
@@ -41,19 +39,20 @@ import tensorflow as tf
 from tensorflow.python.ops import collective_ops
 
 from radam_dist import fused, radam_math
-from radam_dist.distribute import aggregation, collective_reads
+from radam_dist.distribute import collective_reads
+from radam_dist.distribute.gradient_sums import sum_all_but
 from radam_dist.distribute.state_layout import StateLayout
+from radam_dist import executor
 
 _VARIABLE_VALUE = "VARIABLE_VALUE"  # the checkpoint key of a tf.Variable's value
-_log = logging.getLogger(__name__)
 
 
 def _unwrap(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
-class _VarShards:
-    """The chunked state of one variable (not tracked itself: see ShardedState)."""
+class _VarChunks:
+    """The chunked state of one variable (not tracked itself: see ChunkedState)."""
 
     def __init__(self, variable, num_replicas: int, slot_names: Sequence[str]):
         value = _unwrap(variable)
@@ -71,7 +70,7 @@ class _VarShards:
                 trainable=False,
                 synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.NONE,
-                name=f"{value.name.split(':')[0]}/{name}_shard",
+                name=f"{value.name.split(':')[0]}/{name}_chunk",
             )
 
     def padded(self, tensor):
@@ -88,57 +87,57 @@ class _VarShards:
         return tf.reshape(gathered[: self.rows], self.shape)
 
 
-class ShardedState:
+class ChunkedState:
     """All chunked slots of one optimizer (plain Python: what is saved is the ``WholeSlot``s,
     which look like replicated slot variables to ``.keras`` files and checkpoints)."""
 
     def __init__(self, optimizer, variables: Sequence, slot_names: Sequence[str]):
-        self._strategy = optimizer._distribution_strategy
+        self._strategy = optimizer.distribution_strategy
         n = self._strategy.num_replicas_in_sync
         self._slot_names = tuple(slot_names)
-        self._shards: List[_VarShards] = []
+        self._chunked: List[_VarChunks] = []
         with self._strategy.scope():
             for variable in variables:
-                self._shards.append(_VarShards(variable, n, self._slot_names))
-        self._index = {optimizer._var_key(v): i for i, v in enumerate(variables)}
+                self._chunked.append(_VarChunks(variable, n, self._slot_names))
+        self._index = {optimizer.variable_key(v): i for i, v in enumerate(variables)}
         names = [getattr(v, "path", None) or _unwrap(v).name.split(":")[0] for v in variables]
         # tfa's order: every variable's first slot, then every variable's second slot, ...
         self.whole_slots = [WholeSlot(self, i, slot, f"{names[i]}/{slot}")
-                            for slot in self._slot_names for i in range(len(self._shards))]
+                            for slot in self._slot_names for i in range(len(self._chunked))]
 
-    def for_variable(self, optimizer, variable) -> _VarShards:
-        return self._shards[self._index[optimizer._var_key(variable)]]
+    def for_variable(self, optimizer, variable) -> _VarChunks:
+        return self._chunked[self._index[optimizer.variable_key(variable)]]
 
     def local_bytes(self) -> int:
         """Bytes of optimizer state one replica holds."""
         total = 0
-        for shards in self._shards:
-            for slot in shards.slots.values():
+        for chunked in self._chunked:
+            for slot in chunked.slots.values():
                 total += int(tf.size(_local_copies(slot)[0])) * slot.dtype.size
         return total
 
     def full_slot(self, variable_index: int, name: str) -> tf.Tensor:
         """The whole ``name`` slot of the variable at ``variable_index`` (gathered; under MWMS
         a collective, so every worker must ask)."""
-        shards = self._shards[variable_index]
-        slot = shards.slots[name]
+        chunked = self._chunked[variable_index]
+        slot = chunked.slots[name]
         if self._strategy.extended._in_multi_worker_mode():
             # a collective: every worker must gather (refused at once where one does not)
             collective_reads.before_read(self._strategy, f"{slot.name} ({name})")
             chunks = self._strategy.gather(slot, axis=0)
         else:  # all replicas are local: concatenate their copies, no collective needed
             chunks = tf.concat([tf.convert_to_tensor(c) for c in _local_copies(slot)], axis=0)
-        return shards.unpadded(chunks)
+        return chunked.unpadded(chunks)
 
     def assign_whole(self, variable_index: int, name: str, value) -> None:
         """Set the whole ``name`` slot: each local replica keeps its rows of ``value``."""
-        shards = self._shards[variable_index]
-        value = tf.cast(tf.convert_to_tensor(value), shards.dtype)
-        if value.shape != shards.shape:
-            raise ValueError(f"slot {name!r} has shape {shards.shape}, got a value of shape "
+        chunked = self._chunked[variable_index]
+        value = tf.cast(tf.convert_to_tensor(value), chunked.dtype)
+        if value.shape != chunked.shape:
+            raise ValueError(f"slot {name!r} has shape {chunked.shape}, got a value of shape "
                              f"{value.shape}")
-        chunks = shards.padded(value)
-        copies = _local_copies(shards.slots[name])
+        chunks = chunked.padded(value)
+        copies = _local_copies(chunked.slots[name])
         for replica_id, copy in zip(_local_replica_ids(self._strategy), copies):
             copy.assign(chunks[replica_id])
 
@@ -149,15 +148,15 @@ class WholeSlot(tf.__internal__.tracking.Trackable):
     key a replicated slot variable has (``VARIABLE_VALUE``), unpadded, so checkpoints move
     between replica counts and between ZeRO on and off."""
 
-    def __init__(self, state: ShardedState, variable_index: int, slot_name: str, path: str):
+    def __init__(self, state: ChunkedState, variable_index: int, slot_name: str, path: str):
         self._state = state
         self._variable_index = variable_index
         self.slot_name = slot_name
         self.path = path
         self.name = path
-        shards = state._shards[variable_index]
-        self.shape = shards.shape
-        self.dtype = shards.dtype
+        chunked = state._chunked[variable_index]
+        self.shape = chunked.shape
+        self.dtype = chunked.dtype
 
     @property
     def value(self) -> tf.Tensor:
@@ -213,7 +212,7 @@ def _restore_deferred(optimizer, insert_at: int, whole_slots: Sequence) -> None:
     pending values after them move down by the number of slots: each variable appended later
     gets its own value as Keras tracks it (at its index in Keras' list), none gets a slot's.
     """
-    tracked = optimizer._lookup_dependency("_variables")
+    tracked = optimizer.tracked_dependency("_variables")
     if tracked is None or not hasattr(tracked, "_handle_deferred_dependencies"):
         return
     for offset, entry in enumerate(whole_slots):
@@ -264,7 +263,7 @@ class ReplicaSharded(StateLayout):
 
     def __init__(self):
         self.state = None
-        self.exchange = None  # how the last traced step exchanged gradients (choose_exchange)
+        self.exchange = None  # how the last traced step exchanged gradients (StepPlan.zero_exchange)
         self.sparse_index_bytes = {}  # variables whose gradients were IndexedSlices
         self._insert_at = None
         self._checkpoint_list = None
@@ -272,14 +271,14 @@ class ReplicaSharded(StateLayout):
     def build_slots(self, optimizer, variables, slot_names, start_at_variables=False):
         if getattr(optimizer, "use_ema", False):
             raise ValueError("shard_optimizer_state=True does not support use_ema")
-        state = ShardedState(optimizer, variables, slot_names)
+        state = ChunkedState(optimizer, variables, slot_names)
         collective_reads.start_watchdog(state._strategy)  # MWMS: every worker must save
         if start_at_variables:  # each replica's chunk starts at its rows of the variable
             for index, variable in enumerate(variables):
                 for name in slot_names:
                     state.assign_whole(index, name, tf.convert_to_tensor(_unwrap(variable)))
         # Where the replicated layout appends its slot variables to Keras' variable list.
-        self._insert_at = len(optimizer._variables)
+        self._insert_at = len(optimizer.tracked_variables())
         self.state = state
         _restore_deferred(optimizer, self._insert_at, state.whole_slots)
 
@@ -299,7 +298,7 @@ class ReplicaSharded(StateLayout):
         """The whole slot, gathered: a tf.Tensor copy (assign through set_weights)."""
         if self.state is None or name not in self.state._slot_names:
             return super().get_slot(optimizer, var, name)  # a slot made by add_slot
-        index = optimizer._index_of(var)
+        index = optimizer.variable_index(var)
         return self.state.full_slot(index, name)
 
     def slot_entries(self, optimizer):
@@ -317,9 +316,9 @@ class ReplicaSharded(StateLayout):
             return children
         children = dict(children)
         if self._checkpoint_list is None or len(self._checkpoint_list._entries) != len(
-            optimizer._variables) + len(self.state.whole_slots):
+            optimizer.tracked_variables()) + len(self.state.whole_slots):
             self._checkpoint_list = _LogicalVariableList(
-                self.logical_variables(optimizer, optimizer._variables))
+                self.logical_variables(optimizer, optimizer.tracked_variables()))
         children["_variables"] = self._checkpoint_list
         return children
 
@@ -327,79 +326,22 @@ class ReplicaSharded(StateLayout):
         return 0 if self.state is None else self.state.local_bytes()
 
 
-# -- how the gradients reach each replica's shard -------------------------------------------------
+# -- how the gradients reach each replica's chunk -------------------------------------------------
 # The exchange a step uses (``ReplicaSharded.exchange`` / ``exchange_path``):
 LOCAL_REDUCE_SCATTER = "local-reduce-scatter"
 ALL_TO_ALL = "all-to-all"
 ALL_REDUCE_SLICE = "all-reduce+slice"
 
-# ``all-reduce`` forces the all-reduce + slice exchange everywhere (to compare the two).
+# ``all-reduce`` forces the all-reduce + slice exchange everywhere (to compare the two); the
+# step plan reads it (radam_dist/step/plan.py, ``StepPlan.zero_exchange``, which says why each
+# exchange is chosen: TensorFlow has no CPU reduce-scatter collective).
 EXCHANGE_ENV = "RADAM_DIST_ZERO_EXCHANGE"
 
-_logged_paths: set = set()
-
-
-def choose_exchange(optimizer, strategy) -> tuple:
-    """(exchange, why): how this step moves gradients to the shards and rows back.
-
-    TensorFlow 2.21 implements ``CollectiveReduceScatterV2`` only with NCCL: on CPU the
-    collective executor has no reduce-scatter ("CollectiveRegistry::Lookup did not find
-    collective implementation undef", under MirroredStrategy and MWMS alike, whatever the
-    communication hint), and the failed collective aborts every later one in the process.
-    So:
-
-    * single-worker MirroredStrategy (every replica a device of this process): the exchange
-      is done in the step's own graph, without collective ops: replica r's shard is the sum
-      of every replica's rows r (each replica sends (N-1)/N of its gradients, a
-      reduce-scatter's bytes), and each replica's new rows are copied to the others (an
-      all-gather);
-    * MultiWorkerMirroredStrategy: TensorFlow's CPU collectives do have an all-to-all
-      (``CollectiveAllToAllV2``), so each replica sends replica r' the rows r' of its dense
-      gradients and sums the N blocks it receives in replica order (``all-to-all``): a
-      reduce-scatter's bytes, (N-1)/N of the gradients; sparse gradients go by Keras'
-      all-reduce of IndexedSlices as in the replicated step;
-    * where the step needs the whole summed gradient (clipping by norm, the float16
-      all-reduce), in a replica context without merge_call under MirroredStrategy, or
-      under ``RADAM_DIST_ZERO_EXCHANGE=all-reduce``: Keras' all-reduce, then each replica
-      slices its rows, then an all-gather (``all-reduce+slice``).
-    """
-    if os.environ.get(EXCHANGE_ENV, "").strip().lower() in ("all-reduce", "allreduce"):
-        return ALL_REDUCE_SLICE, f"{EXCHANGE_ENV}=all-reduce"
-    extended = strategy.extended
-    if extended._in_multi_worker_mode():
-        if getattr(optimizer, "all_reduce_dtype", None) is not None:
-            return ALL_REDUCE_SLICE, "all_reduce_dtype (compressed all-reduce) is set"
-        for name in ("clipnorm", "global_clipnorm"):
-            if (getattr(optimizer, name, None) or 0) > 0:
-                return ALL_REDUCE_SLICE, f"{name} needs the whole summed gradient"
-        if not getattr(optimizer, "_aggregate_gradients", True):
-            return ALL_REDUCE_SLICE, "gradients already summed: each replica slices its rows"
-        if _launcher(strategy, 0) is None:
-            return ALL_REDUCE_SLICE, (f"{type(extended._cross_device_ops).__name__} has no "
-                                      "collective launchers for an all-to-all")
-        return ALL_TO_ALL, ("multi-worker: CollectiveAllToAllV2 of the dense gradients' row "
-                            "blocks (CollectiveReduceScatterV2 is NCCL only)")
-    if not isinstance(strategy, tf.distribute.MirroredStrategy):
-        return ALL_REDUCE_SLICE, f"{type(strategy).__name__}"
-    use_merge_call = getattr(extended, "_use_merge_call", lambda: True)
-    if not use_merge_call():
-        return ALL_REDUCE_SLICE, "replica context without merge_call (XLA on GPUs)"
-    if getattr(optimizer, "all_reduce_dtype", None) is not None:
-        return ALL_REDUCE_SLICE, "all_reduce_dtype (compressed all-reduce) is set"
-    for name in ("clipnorm", "global_clipnorm"):
-        if (getattr(optimizer, name, None) or 0) > 0:
-            return ALL_REDUCE_SLICE, f"{name} needs the whole summed gradient"
-    return LOCAL_REDUCE_SCATTER, "single-worker MirroredStrategy: in-graph reduce-scatter"
-
-
-def _note_exchange(optimizer, layout, exchange: str, why: str) -> None:
-    if layout is not None:
-        layout.exchange = exchange
-    key = (exchange, why)
-    if key not in _logged_paths:
-        _logged_paths.add(key)
-        _log.info("ZeRO-1 (%s): gradients by %s (%s)", getattr(optimizer, "name", "optimizer"),
-                  exchange, why)
+def note_exchange(optimizer, exchange: str, why: str) -> None:
+    """Record the exchange a traced step took: in the optimizer's step plan (which logs it)
+    and in its layout (``exchange_path``, ``bytes_sent_per_replica``)."""
+    optimizer.step_plan().note_exchange(exchange, why)
+    optimizer.state_layout.exchange = exchange
 
 
 def exchange_path(optimizer) -> Optional[str]:
@@ -407,7 +349,7 @@ def exchange_path(optimizer) -> Optional[str]:
     optimizer) used: ``LOCAL_REDUCE_SCATTER``, ``ALL_TO_ALL``, ``ALL_REDUCE_SLICE``, or None
     (not sharded / not stepped yet)."""
     for opt in (getattr(optimizer, "inner_optimizer", None), optimizer):  # gradients first
-        layout = getattr(opt, "_state_layout", None)
+        layout = getattr(opt, "state_layout", None)
         if getattr(layout, "exchange", None):
             return layout.exchange
     return None
@@ -426,14 +368,14 @@ def bytes_sent_per_replica(optimizer, exchange: Optional[str] = None,
       all_reduce_indexed_slices, ring): (N-1) k (R + X);
     * ``all-reduce+slice``: the same, then the ring all-gather of the new rows (N-1)/N P for
       every dense variable (1.5 times an all-reduce), and for a sparse one the changes of
-      its shard's touched rows with their indices (as columns of the values), counted as
-      (N-1) min(k, S) (R + X), S the rows of a shard (each replica's touched rows of the
+      its chunk's touched rows with their indices (as columns of the values), counted as
+      (N-1) min(k, S) (R + X), S the rows of a chunk (each replica's touched rows of the
       summed gradient: about k of its N k entries, deduplicated; all_gather pads them to
       the longest replica's count);
     * ``local-reduce-scatter``: rows r' of each dense gradient to replica r', (N-1)/N P, and
       the new rows back, (N-1)/N P; a sparse gradient's entries to every other replica,
       (N-1) k (R + X), and the changes of the touched rows back, counted as
-      (N-1) min(k, S) (R + X) (touched rows spread evenly over the shards; duplicates send
+      (N-1) min(k, S) (R + X) (touched rows spread evenly over the chunked; duplicates send
       less);
     * ``all-to-all``: the dense variables as ``local-reduce-scatter`` (the all-to-all sends
       each other replica its block of P/N, then the ring all-gather (N-1)/N P), the sparse
@@ -442,7 +384,7 @@ def bytes_sent_per_replica(optimizer, exchange: Optional[str] = None,
     The few bytes of sizes the sparse all-gathers exchange first are left out.
     """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
-    layout = getattr(inner, "_state_layout", None)
+    layout = getattr(inner, "state_layout", None)
     state = getattr(layout, "state", None)
     if state is None:
         raise ValueError("bytes_sent_per_replica: the optimizer has no replica-sharded state")
@@ -450,15 +392,15 @@ def bytes_sent_per_replica(optimizer, exchange: Optional[str] = None,
     sparse = getattr(layout, "sparse_index_bytes", {})  # variable index -> X
     n = state._strategy.num_replicas_in_sync
     unsharded = reduce = gather = 0
-    for index, shards in enumerate(state._shards):
-        row = shards.row_shape.num_elements() * shards.dtype.size
-        g, p = shards.rows * row, shards.rows_per_replica * n * row
+    for index, chunked in enumerate(state._chunked):
+        row = chunked.row_shape.num_elements() * chunked.dtype.size
+        g, p = chunked.rows * row, chunked.rows_per_replica * n * row
         if index in sparse:
             entries = (n - 1) * sparse_rows * (row + sparse[index])
             unsharded += entries
             reduce += entries
-            # the touched rows' changes, both exchanges: at most a shard's rows, deduplicated
-            gather += (n - 1) * min(sparse_rows, shards.rows_per_replica) * (row + sparse[index])
+            # the touched rows' changes, both exchanges: at most a chunk's rows, deduplicated
+            gather += (n - 1) * min(sparse_rows, chunked.rows_per_replica) * (row + sparse[index])
         else:
             unsharded += 2 * (n - 1) * g // n
             if exchange in (LOCAL_REDUCE_SCATTER, ALL_TO_ALL):
@@ -470,18 +412,18 @@ def bytes_sent_per_replica(optimizer, exchange: Optional[str] = None,
             "total": reduce + gather, "unsharded": unsharded}
 
 
-def apply_gradients(optimizer, state: ShardedState, grads: Sequence, variables: Sequence) -> None:
+def apply_gradients(optimizer, state: ChunkedState, grads: Sequence, variables: Sequence) -> None:
     """One RAdam step with replica-sharded slots (see the module docstring)."""
     ctx = tf.distribute.get_replica_context()
     if ctx is None:
         raise ValueError("shard_optimizer_state=True: apply() must run in a replica context")
     variables = [_unwrap(v) for v in variables]
-    exchange, why = choose_exchange(optimizer, state._strategy)
-    layout = getattr(optimizer, "_state_layout", None)
-    _note_exchange(optimizer, layout, exchange, why)
+    exchange, why = optimizer.step_plan().zero_exchange()
+    note_exchange(optimizer, exchange, why)
+    layout = optimizer.state_layout
     if layout is not None:  # for bytes_sent_per_replica
         layout.sparse_index_bytes = {
-            state._index[optimizer._var_key(var)]: grad.indices.dtype.size
+            state._index[optimizer.variable_key(var)]: grad.indices.dtype.size
             for grad, var in zip(grads, variables) if isinstance(grad, tf.IndexedSlices)}
     if exchange == LOCAL_REDUCE_SCATTER:
         ctx.merge_call(functools.partial(_local_step, optimizer, state, variables),
@@ -495,7 +437,7 @@ def _scalars_for(optimizer, var, scalars: dict):
     if dtype.name not in scalars:
         scalars[dtype.name] = optimizer.step_scalars(optimizer.learning_rate, dtype)
     s = scalars[dtype.name]
-    if s.has_weight_decay and not optimizer._use_weight_decay(var):
+    if s.has_weight_decay and not optimizer.decays(var):
         s = s._replace(has_weight_decay=False)
     return s
 
@@ -508,7 +450,7 @@ def _sparse_rows(grad: tf.IndexedSlices, first, rows: int):
     return tf.gather(grad.values, positions), tf.gather(grad.indices, positions) - first
 
 
-def _launcher(strategy, local_replica_id: int):
+def collective_launcher(strategy, local_replica_id: int):
     """The strategy's own collective launcher for a local replica (its group key, instance
     keys and ordering token: our collectives are numbered and ordered with Keras' own, so
     every worker issues them under the same keys in the same order), or None."""
@@ -521,7 +463,7 @@ def _launcher(strategy, local_replica_id: int):
 def _all_to_all(ctx, strategy, blocks: tf.Tensor) -> tf.Tensor:
     """``blocks[r']`` to replica r'; returns [N, ...], row i the block replica i sent here."""
     local_id = tf.get_static_value(ctx._local_replica_id)
-    launcher = _launcher(strategy, int(local_id))
+    launcher = collective_launcher(strategy, int(local_id))
     options = launcher._options
     hint = "nccl" if options.implementation.value == "NCCL" else "auto"  # no RING all-to-all
     instance_key = launcher._next_instance_key()
@@ -535,7 +477,7 @@ def _all_to_all(ctx, strategy, blocks: tf.Tensor) -> tf.Tensor:
 def _all_to_all_rows(ctx, optimizer, state, grads_and_vars) -> Dict[int, tf.Tensor]:
     """{position: this replica's rows of the summed gradient} for the dense floating
     gradients: per dtype one all-to-all of [N, every variable's padded rows r' flattened]
-    (``_VarShards.padded``), then the N received blocks added in replica order
+    (``_VarChunks.padded``), then the N received blocks added in replica order
     (``radam_math.sum_in_replica_order``: for N = 2 the ring all-reduce's bits)."""
     n = ctx.num_replicas_in_sync
     buckets: Dict[str, list] = {}
@@ -544,15 +486,15 @@ def _all_to_all_rows(ctx, optimizer, state, grads_and_vars) -> Dict[int, tf.Tens
             buckets.setdefault(grad.dtype.name, []).append(position)
     out = {}
     for positions in buckets.values():
-        shards = [state.for_variable(optimizer, grads_and_vars[p][1]) for p in positions]
+        chunked = [state.for_variable(optimizer, grads_and_vars[p][1]) for p in positions]
         blocks = [tf.reshape(sh.padded(grads_and_vars[p][0]), [n, -1])
-                  for p, sh in zip(positions, shards)]
-        sizes = [sh.rows_per_replica * sh.row_shape.num_elements() for sh in shards]
+                  for p, sh in zip(positions, chunked)]
+        sizes = [sh.rows_per_replica * sh.row_shape.num_elements() for sh in chunked]
         received = _all_to_all(ctx, state._strategy,
                                tf.concat(blocks, axis=1) if len(blocks) > 1 else blocks[0])
         total = radam_math.sum_in_replica_order([received[i] for i in range(n)])
         columns = tf.split(total, sizes) if len(sizes) > 1 else [total]
-        for p, sh, column in zip(positions, shards, columns):
+        for p, sh, column in zip(positions, chunked, columns):
             out[p] = tf.reshape(column, [sh.rows_per_replica] + sh.row_shape.as_list())
     return out
 
@@ -562,33 +504,32 @@ def _all_reduce_step(ctx, optimizer, state, grads, variables,
     """Keras' all-reduce (``all-to-all``: of the sparse gradients only; the dense ones by
     ``_all_to_all_rows``), each replica's rows sliced out, updated, all-gathered.
 
-    A dense gradient: the replica's shard updated in compiled chunks, its new rows
+    A dense gradient: the replica's chunk updated in compiled chunks, its new rows
     all-gathered and assigned whole. A sparse gradient: only the touched rows of the
-    replica's shard move (radam_math.apply_sparse), so only their changes travel and
+    replica's chunk move (radam_math.apply_sparse), so only their changes travel and
     every replica scatter-adds them to its copy: the same float additions on the same rows
-    as adding them to the shard and gathering it whole (the indices are unique, the shards
+    as adding them to the chunk and gathering it whole (the indices are unique, the chunks
     disjoint), without sending the untouched rows of the table. Both in one all-gather
     where the dtypes allow (``_all_gather_rows``).
     """
     grads_and_vars = list(zip(grads, variables))
     summed_rows: Dict[int, tf.Tensor] = {}  # position -> this replica's summed rows
-    if getattr(optimizer, "_aggregate_gradients", True):
+    if optimizer.sums_gradients:
         if exchange == ALL_TO_ALL:
             summed_rows = _all_to_all_rows(ctx, optimizer, state, grads_and_vars)
             # IndexedSlices (and any non-floating dense gradient): Keras' all-reduce
-            grads_and_vars = aggregation.sum_all_but(
+            grads_and_vars = sum_all_but(
                 grads_and_vars, [p in summed_rows for p in range(len(grads_and_vars))],
-                optimizer._all_reduce_sum_gradients)
+                optimizer.sum_gradients)
             for p, rows in summed_rows.items():
                 grads_and_vars[p] = (rows, grads_and_vars[p][1])
         else:
-            grads_and_vars = optimizer._all_reduce_sum_gradients(grads_and_vars)
+            grads_and_vars = optimizer.sum_gradients(grads_and_vars)
     # clipnorm / global_clipnorm take all-reduce+slice: clipping rows here is clipvalue's
-    grads = optimizer._clip_aggregated([g for g, _ in grads_and_vars])
+    grads = optimizer.clip_summed([g for g, _ in grads_and_vars])
 
     replica = ctx.replica_id_in_sync_group
-    use_fused = fused.enabled()
-    dense = []  # (position, rows, grad rows, m, v, vhat, scalars) for fused.apply_dense_rows
+    dense = []  # (position, the update of its chunk) for the executor
     scalars = {}
     new_values = []
     changes = {}  # position -> (values, global indices) of this replica's touched rows
@@ -597,34 +538,33 @@ def _all_reduce_step(ctx, optimizer, state, grads, variables,
             new_values.append(tf.convert_to_tensor(var))
             continue
         s = _scalars_for(optimizer, var, scalars)
-        shards = state.for_variable(optimizer, var)
-        slots = {name: _this_replica(slot) for name, slot in shards.slots.items()}
+        chunked = state.for_variable(optimizer, var)
+        slots = {name: _this_replica(slot) for name, slot in chunked.slots.items()}
         m, v, vhat = slots["m"], slots["v"], slots.get("vhat")
         if isinstance(grad, tf.IndexedSlices):
-            first = replica * shards.rows_per_replica
-            values, indices = _sparse_rows(grad, first, shards.rows_per_replica)
+            first = replica * chunked.rows_per_replica
+            values, indices = _sparse_rows(grad, first, chunked.rows_per_replica)
             work = _SparseRowsOf(var, first)
-            radam_math.apply_sparse(work, values, indices, m, v, vhat, s)
-            changes[position] = [(shards, d.values, d.indices + tf.cast(first, d.indices.dtype))
+            executor.update_one(work, tf.IndexedSlices(values, indices), m, v, vhat, s)
+            changes[position] = [(chunked, d.values, d.indices + tf.cast(first, d.indices.dtype))
                                  for d in work.deltas]
             new_values.append(None)
             continue
-        rows = tf.gather(shards.padded(tf.convert_to_tensor(var)), replica)
-        grad_rows = grad if position in summed_rows else tf.gather(shards.padded(grad), replica)
-        if use_fused and var.dtype.is_floating:
-            dense.append((position, rows, grad_rows, m, v, vhat, s))
-            new_values.append((shards, None))
+        rows = tf.gather(chunked.padded(tf.convert_to_tensor(var)), replica)
+        grad_rows = grad if position in summed_rows else tf.gather(chunked.padded(grad), replica)
+        if var.dtype.is_floating:
+            dense.append((position, fused.DenseUpdate(radam_math.Rows(rows), grad_rows, m, v,
+                                                      vhat, s)))
+            new_values.append((chunked, None))
             continue
         work = radam_math.Rows(rows)
-        radam_math.apply_dense(work, grad_rows, m, v, vhat, s)
-        new_values.append((shards, tf.convert_to_tensor(work)))
-    if dense:  # the shard's dense update in compiled chunks, as the local exchange's
-        out = fused.apply_dense_rows([d[1] for d in dense], [d[2] for d in dense],
-                                     [d[3] for d in dense], [d[4] for d in dense],
-                                     [d[5] for d in dense], [d[6] for d in dense],
-                                     cache=optimizer.__dict__.setdefault("_fused_compiled", {}))
-        for d, value in zip(dense, out):
-            new_values[d[0]] = (new_values[d[0]][0], value)
+        executor.update_one(work, grad_rows, m, v, vhat, s)
+        new_values.append((chunked, tf.convert_to_tensor(work)))
+    if dense:  # the chunk's dense updates by the plan's kernel, as the local exchange's
+        out = executor.update_rows([u for _, u in dense], plan=optimizer.step_plan(),
+                                   cache=optimizer.compiled_cache())
+        for (position, _), value in zip(dense, out):
+            new_values[position] = (new_values[position][0], value)
     new_values, changes = _all_gather_rows(ctx, new_values, changes)
 
     def assign_all(distribution, values, changes):
@@ -654,13 +594,13 @@ def _all_gather_rows(ctx, entries: list, changes: dict) -> tuple:
     if not deltas or kinds != {tf.float32} or any(
             changes[p][j][2].dtype not in (tf.int32, tf.int64) for p, j in deltas):
         out = _all_gather_bucketed(ctx, entries)
-        return out, {p: [_gather_row_changes(ctx, shards, values, indices)
-                         for shards, values, indices in d] for p, d in changes.items()}
+        return out, {p: [_gather_row_changes(ctx, chunked, values, indices)
+                         for chunked, values, indices in d] for p, d in changes.items()}
     counts, pieces, widths = [], [], []
     for p, j in deltas:
-        shards, values, indices = changes[p][j]
+        chunked, values, indices = changes[p][j]
         k = tf.shape(values)[0]
-        width = shards.row_shape.num_elements()
+        width = chunked.row_shape.num_elements()
         index_columns = indices.dtype.size // 4  # int32: 1 float32 column, int64: 2
         columns = tf.reshape(tf.bitcast(indices, tf.float32), [k, index_columns])
         counts.append(tf.cast(k, tf.int32))
@@ -685,31 +625,31 @@ def _all_gather_rows(ctx, entries: list, changes: dict) -> tuple:
     if dense:
         columns = tf.split(tf.stack(dense_parts), sizes, axis=1)
         for p, column in zip(dense, columns):
-            shards = entries[p][0]
-            chunked = [shards.rows_per_replica * shards.num_replicas] + shards.row_shape.as_list()
-            out[p] = shards.unpadded(tf.reshape(column, chunked))
+            chunked = entries[p][0]
+            stacked = [chunked.rows_per_replica * chunked.num_replicas] + chunked.row_shape.as_list()
+            out[p] = chunked.unpadded(tf.reshape(column, stacked))
     gathered_changes: Dict[int, list] = {}
     for (p, j), parts, (width, full) in zip(deltas, sparse_parts, widths):
-        shards, _, indices = changes[p][j]
+        chunked, _, indices = changes[p][j]
         rows = tf.concat(parts, axis=0)
-        values = tf.reshape(rows[:, :width], [-1] + shards.row_shape.as_list())
+        values = tf.reshape(rows[:, :width], [-1] + chunked.row_shape.as_list())
         index = tf.reshape(tf.bitcast(rows[:, width:], indices.dtype), [-1])
         gathered_changes.setdefault(p, []).append((values, index))
     return out, gathered_changes
 
 
-def _gather_row_changes(ctx, shards: _VarShards, values, indices):
+def _gather_row_changes(ctx, chunked: _VarChunks, values, indices):
     """All replicas' (values, indices) of changed rows, concatenated in replica order; each
     replica has its own number of rows (ReplicaContext.all_gather pads and unpads them).
     Where the index bits fit in whole columns of the values' dtype (int32 or int64 indices,
     float32 values) the indices ride as bitcast columns of the values: one all-gather."""
     k = tf.shape(values)[0]
-    width = shards.row_shape.num_elements()
+    width = chunked.row_shape.num_elements()
     flat = tf.reshape(values, [k, width])
     if indices.dtype.size % values.dtype.size == 0 and values.dtype.size in (4, 8):
         columns = tf.reshape(tf.bitcast(indices, values.dtype), [k, -1])
         gathered = ctx.all_gather(tf.concat([flat, columns], axis=1), axis=0)
-        out_values = tf.reshape(gathered[:, :width], [-1] + shards.row_shape.as_list())
+        out_values = tf.reshape(gathered[:, :width], [-1] + chunked.row_shape.as_list())
         out_indices = tf.bitcast(gathered[:, width:], indices.dtype)
         return out_values, tf.reshape(out_indices, [-1])
     return ctx.all_gather(values, axis=0), ctx.all_gather(indices, axis=0)
@@ -718,7 +658,7 @@ def _gather_row_changes(ctx, shards: _VarShards, values, indices):
 def _all_gather_bucketed(ctx, entries: list) -> list:
     """All-gather every replica's new rows, one collective per dtype instead of one per
     variable (under MWMS each collective is a round trip): ``entries`` holds a whole value
-    (no gradient: unchanged) or ``(shards, rows)``; returns the whole new values."""
+    (no gradient: unchanged) or ``(chunked, rows)``; returns the whole new values."""
     buckets: Dict[str, list] = {}
     for position, entry in enumerate(entries):  # None: a sparse update (its rows travel apart)
         if isinstance(entry, tuple):
@@ -731,9 +671,9 @@ def _all_gather_bucketed(ctx, entries: list) -> list:
                                   axis=0)
         columns = tf.split(tf.reshape(gathered, [-1, sum(sizes)]), sizes, axis=1)
         for p, column in zip(positions, columns):
-            shards = entries[p][0]
-            chunked = [shards.rows_per_replica * shards.num_replicas] + shards.row_shape.as_list()
-            out[p] = shards.unpadded(tf.reshape(column, chunked))
+            chunked = entries[p][0]
+            stacked = [chunked.rows_per_replica * chunked.num_replicas] + chunked.row_shape.as_list()
+            out[p] = chunked.unpadded(tf.reshape(column, stacked))
     return out
 
 
@@ -754,7 +694,7 @@ class _SparseRows(radam_math.Rows):
 
 
 class _SparseRowsOf(_SparseRows):
-    """A replica's shard of a variable under a sparse update, read row-wise from the
+    """A replica's chunk of a variable under a sparse update, read row-wise from the
     variable itself (``sparse_read`` of the touched rows only: a dense read of a table that
     scatters have touched copies all of it), its scatter-adds kept as ``_SparseRows``'."""
 
@@ -771,14 +711,14 @@ class _SparseRowsOf(_SparseRows):
             indices + tf.cast(self._first, indices.dtype))
 
 
-def _local_step(optimizer, state: ShardedState, variables: Sequence, distribution,
+def _local_step(optimizer, state: ChunkedState, variables: Sequence, distribution,
                 grads: Sequence) -> None:
     """The step in cross-replica context (single-worker MirroredStrategy, all devices here).
 
     Reduce-scatter: on device r, rows r of every replica's dense gradient summed (a sparse
     gradient: every replica's entries, as Keras' all-reduce of IndexedSlices concatenates
-    them, of which r keeps its rows). Update: device r's shard, dense gradients in compiled
-    chunks (``fused.apply_dense_rows``). All-gather: every device assigns its copy every
+    them, of which r keeps its rows). Update: device r's chunk, dense gradients by the plan's
+    kernel (``executor.update_rows``). All-gather: every device assigns its copy every
     replica's new rows (a sparse update: adds the touched rows' changes in place).
     No bucketing into flat buffers: in one graph the rows move without collectives, and a
     flat buffer would only add two copies of every gradient.
@@ -786,7 +726,7 @@ def _local_step(optimizer, state: ShardedState, variables: Sequence, distributio
 
     devices = list(distribution.extended.worker_devices)
     n = len(devices)
-    aggregate = getattr(optimizer, "_aggregate_gradients", True)
+    aggregate = optimizer.sums_gradients
     local = distribution.experimental_local_results
     # one value per replica (a tensor that every replica passed is that value on each)
     grads = [None if g is None else list(local(g)) if isinstance(
@@ -794,10 +734,9 @@ def _local_step(optimizer, state: ShardedState, variables: Sequence, distributio
     if any(g is not None and len(g) != n for g in grads):
         raise RuntimeError("ZeRO-1: a gradient has no value on every replica")
     clip_value = getattr(optimizer, "clipvalue", None) or 0
-    use_fused = fused.enabled()
-    cache = optimizer.__dict__.setdefault("_fused_compiled", {})  # untracked by Keras
+    plan, cache = optimizer.step_plan(), optimizer.compiled_cache()
     present = [i for i, g in enumerate(grads) if g is not None]
-    shards = [state.for_variable(optimizer, var) for var in variables]
+    chunked = [state.for_variable(optimizer, var) for var in variables]
     # new_rows[i][r]: variable i's rows r after the update (on device r), or for a sparse
     # gradient the list of (values, indices into the variable) to add
     new_rows: Dict[int, list] = {i: [None] * n for i in present}
@@ -805,9 +744,9 @@ def _local_step(optimizer, state: ShardedState, variables: Sequence, distributio
     for r, device in enumerate(devices):
         with tf.device(device):
             scalars: dict = {}
-            dense = []  # (i, rows, grad rows, m, v, vhat, scalars)
+            dense = []  # (i, the update of its rows r)
             for i in present:
-                var, sh = variables[i], shards[i]
+                var, sh = variables[i], chunked[i]
                 s = _scalars_for(optimizer, var, scalars)
                 slots = {name: local(slot)[r] for name, slot in sh.slots.items()}
                 rows = sh.padded(tf.convert_to_tensor(local(var)[r]))[r]
@@ -826,8 +765,8 @@ def _local_step(optimizer, state: ShardedState, variables: Sequence, distributio
                         grad = tf.clip_by_value(grad, -clip_value, clip_value)
                     values, indices = _sparse_rows(grad, first, sh.rows_per_replica)
                     work = _SparseRows(rows)
-                    radam_math.apply_sparse(work, values, indices, slots["m"], slots["v"],
-                                            slots.get("vhat"), s)
+                    executor.update_one(work, tf.IndexedSlices(values, indices), slots["m"],
+                                        slots["v"], slots.get("vhat"), s)
                     new_rows[i][r] = [(d.values, d.indices + tf.cast(first, d.indices.dtype))
                                       for d in work.deltas]
                     continue
@@ -837,20 +776,18 @@ def _local_step(optimizer, state: ShardedState, variables: Sequence, distributio
                     grad = sh.padded(per_replica[r])[r]
                 if clip_value > 0:
                     grad = tf.clip_by_value(grad, -clip_value, clip_value)
-                if use_fused and var.dtype.is_floating:
-                    dense.append((i, rows, grad, slots["m"], slots["v"], slots.get("vhat"), s))
+                if var.dtype.is_floating:
+                    dense.append((i, fused.DenseUpdate(radam_math.Rows(rows), grad, slots["m"],
+                                                       slots["v"], slots.get("vhat"), s)))
                 else:
                     work = radam_math.Rows(rows)
-                    radam_math.apply_dense(work, grad, slots["m"], slots["v"],
-                                           slots.get("vhat"), s)
+                    executor.update_one(work, grad, slots["m"], slots["v"], slots.get("vhat"), s)
                     new_rows[i][r] = tf.convert_to_tensor(work)
             if dense:
-                out = fused.apply_dense_rows([d[1] for d in dense], [d[2] for d in dense],
-                                             [d[3] for d in dense], [d[4] for d in dense],
-                                             [d[5] for d in dense], [d[6] for d in dense],
-                                             cache=cache, device=device)
-                for d, value in zip(dense, out):
-                    new_rows[d[0]][r] = value
+                out = executor.update_rows([u for _, u in dense], plan=plan, cache=cache,
+                                           device=device)
+                for (i, _), value in zip(dense, out):
+                    new_rows[i][r] = value
     for i in present:
         copies = local(variables[i])
         for d, device in enumerate(devices):
@@ -860,59 +797,54 @@ def _local_step(optimizer, state: ShardedState, variables: Sequence, distributio
                         for values, indices in deltas:
                             copies[d].scatter_add(tf.IndexedSlices(values, indices))
                 else:
-                    _write_rows(shards[i], copies[d], new_rows[i])
+                    _write_rows(chunked[i], copies[d], new_rows[i])
 
 
-def _write_rows(shards: _VarShards, copy, new_rows: Sequence[tf.Tensor]) -> None:
+def _write_rows(chunked: _VarChunks, copy, new_rows: Sequence[tf.Tensor]) -> None:
     """The local all-gather into one device's copy: every replica's rows concatenated, the
-    padding cut off, assigned whole. (Assigning each replica's rows into place with a
-    strided-slice assign instead was slower: 0.93-0.94 of the unsharded step at N = 4
-    against 0.68-0.71, bench/distribute_zero.py, same run.)"""
-    copy.assign(shards.unpadded(tf.concat(list(new_rows), axis=0)))
+    padding cut off, assigned whole: faster than assigning each replica's rows into place
+    with a strided-slice assign (docs/BENCHMARKS.md, "Figures behind the code")."""
+    copy.assign(chunked.unpadded(tf.concat(list(new_rows), axis=0)))
 
 
 def state_bytes_per_replica(optimizer) -> int:
     """Bytes of optimizer state one replica holds: m, v (vhat), and Lookahead's slow weights."""
     total = 0
     for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
-        layout = getattr(opt, "_state_layout", None)
+        layout = getattr(opt, "state_layout", None)
         if layout is not None:
             total += layout.local_state_bytes(opt)
     return total
 
 
 # -- Lookahead's slow weights, sharded like RAdam's slots ------------------------------------------
-def lookahead_sync(lookahead, state: ShardedState, variables: Sequence, sync) -> None:
+def lookahead_sync(lookahead, state: ChunkedState, variables: Sequence, sync) -> None:
     """On sync steps, each replica pulls its rows back toward its slow chunk (radam_math's
     ``lookahead_pull_back``), then the rows are all-gathered into the variables. Steps that
     do not sync exchange nothing (the decision is taken in cross-replica context)."""
     ctx = tf.distribute.get_replica_context()
     variables = [_unwrap(v) for v in variables]
-    exchange, why = choose_exchange(lookahead, state._strategy)
-    _note_exchange(lookahead, getattr(lookahead, "_state_layout", None), exchange, why)
+    exchange, why = lookahead.step_plan().zero_exchange()
+    note_exchange(lookahead, exchange, why)
     if exchange == LOCAL_REDUCE_SCATTER:
         ctx.merge_call(functools.partial(_local_sync, lookahead, state, variables),
                        args=(sync,))
         return
     replica = ctx.replica_id_in_sync_group
-    all_shards = [state.for_variable(lookahead, var) for var in variables]
-    chunks = [tf.gather(shards.padded(tf.convert_to_tensor(var)), replica)
-              for shards, var in zip(all_shards, variables)]
+    all_chunked = [state.for_variable(lookahead, var) for var in variables]
+    chunks = [tf.gather(chunked.padded(tf.convert_to_tensor(var)), replica)
+              for chunked, var in zip(all_chunked, variables)]
 
     def pull_back_all():  # one branch for all variables
-        out = []
-        for shards, chunk in zip(all_shards, chunks):
-            rows = radam_math.Rows(chunk)
-            radam_math.lookahead_pull_back(rows, _this_replica(shards.slots["slow"]),
-                                           lookahead.slow_step_size)
-            out.append(rows.value)
-        return out
+        return executor.pull_back_rows(
+            [(radam_math.Rows(chunk), _this_replica(chunked.slots["slow"]))
+             for chunked, chunk in zip(all_chunked, chunks)], lookahead.slow_step_size)
 
     new_chunks = tf.cond(sync, pull_back_all, lambda: list(chunks)) if chunks else []
 
     def gather_and_assign(chunks):
         replica_ctx = tf.distribute.get_replica_context()
-        values = _all_gather_bucketed(replica_ctx, list(zip(all_shards, chunks)))
+        values = _all_gather_bucketed(replica_ctx, list(zip(all_chunked, chunks)))
 
         def assign_all(distribution, values):
             for var, value in zip(variables, values):
@@ -933,7 +865,7 @@ def lookahead_sync(lookahead, state: ShardedState, variables: Sequence, sync) ->
     ctx.merge_call(cross_replica, args=(new_chunks, sync))
 
 
-def _local_sync(lookahead, state: ShardedState, variables: Sequence, distribution, sync) -> None:
+def _local_sync(lookahead, state: ChunkedState, variables: Sequence, distribution, sync) -> None:
     """Lookahead's sync in cross-replica context (single-worker MirroredStrategy): one branch
     for all variables; in it each device pulls its rows back toward its slow chunk, and every
     device writes every replica's rows into its copy (as ``_local_step``)."""
@@ -941,20 +873,19 @@ def _local_sync(lookahead, state: ShardedState, variables: Sequence, distributio
     if isinstance(sync, tf.distribute.DistributedValues):
         sync = local(sync)[0]
     devices = list(distribution.extended.worker_devices)
-    shards = [state.for_variable(lookahead, var) for var in variables]
+    chunked = [state.for_variable(lookahead, var) for var in variables]
 
     def pull_back_all():
         new_rows = [[None] * len(devices) for _ in variables]
         for r, device in enumerate(devices):
             with tf.device(device):
-                for i, var in enumerate(variables):
-                    work = radam_math.Rows(shards[i].padded(tf.convert_to_tensor(local(var)[r]))[r])
-                    radam_math.lookahead_pull_back(work, local(shards[i].slots["slow"])[r],
-                                                   lookahead.slow_step_size)
-                    new_rows[i][r] = work.value
+                pairs = [(radam_math.Rows(chunked[i].padded(tf.convert_to_tensor(local(var)[r]))[r]),
+                          local(chunked[i].slots["slow"])[r]) for i, var in enumerate(variables)]
+                for i, rows in enumerate(executor.pull_back_rows(pairs, lookahead.slow_step_size)):
+                    new_rows[i][r] = rows
         for i, var in enumerate(variables):
             for d, (device, copy) in enumerate(zip(devices, local(var))):
                 with tf.device(device):
-                    _write_rows(shards[i], copy, new_rows[i])
+                    _write_rows(chunked[i], copy, new_rows[i])
 
     tf.cond(sync, pull_back_all, lambda: None)

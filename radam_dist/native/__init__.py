@@ -80,11 +80,12 @@ def enabled() -> bool:
     return switched_on(ENV_SWITCH)
 
 
-def library():
+def library(switched_on: Optional[bool] = None):
     """The loaded op library, built first if needed; None where it is switched off or cannot
-    be built here (logged once, as a warning, with the reason)."""
+    be built here (logged once, as a warning, with the reason). ``switched_on``: the
+    caller's reading of ``RADAM_DIST_NATIVE`` (a step plan's), else the environment's now."""
     global _library, _failure
-    if not enabled():
+    if not (enabled() if switched_on is None else switched_on):
         return None
     with _lock:
         if _library is None and _failure is None:
@@ -245,26 +246,28 @@ def _load(library_path: Path):
 
 
 # -- the updates -------------------------------------------------------------------------------
-def serves(update, device: Optional[str]) -> bool:
-    """True where the kernel can apply ``update`` (a ``fused.DenseUpdate``): float32 or
-    float64 throughout, on a CPU device, outside an XLA computation. Builds the kernel on the
-    first call that needs it."""
+def serves(update, device: Optional[str], switched_on: Optional[bool] = None) -> bool:
+    """True where the kernel can apply ``update`` (a ``fused.DenseUpdate`` of a variable or of
+    a ``radam_math.Rows``): float32 or float64 throughout, on a CPU device, outside an XLA
+    computation. Builds the kernel on the first call that needs it. ``switched_on``: as in
+    ``library``."""
     others = [update.m, update.v, *_parts(update.grad)] + (
         [update.vhat] if update.vhat is not None else [])
-    return _serves(update.var, others, update.scalars.lr.dtype, device)
+    return _serves(update.var, others, update.scalars.lr.dtype, device, switched_on)
 
 
-def serves_pull_back(var, slow, device: Optional[str]) -> bool:
+def serves_pull_back(var, slow, device: Optional[str], switched_on: Optional[bool] = None) -> bool:
     """As ``serves``, for Lookahead's synchronisation of ``var`` with ``slow``."""
-    return _serves(var, [slow], var.dtype, device)
+    return _serves(var, [slow], var.dtype, device, switched_on)
 
 
-def _serves(var, others: Sequence, compute_dtype, device: Optional[str]) -> bool:
+def _serves(var, others: Sequence, compute_dtype, device: Optional[str],
+            switched_on: Optional[bool]) -> bool:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     from radam_dist import radam_math  # pylint: disable=import-outside-toplevel
 
-    if not enabled() or radam_math.in_xla_context():
+    if not (enabled() if switched_on is None else switched_on) or radam_math.in_xla_context():
         return False
     dtype = tf.as_dtype(var.dtype)
     if (dtype.name not in SUPPORTED_DTYPES or tf.as_dtype(compute_dtype) != dtype
@@ -272,7 +275,14 @@ def _serves(var, others: Sequence, compute_dtype, device: Optional[str]) -> bool
         return False
     if not _on_cpu(device or _device_of(var)):
         return False
-    return library() is not None
+    return library(switched_on) is not None
+
+
+def _loaded():
+    """The library ``serves`` loaded (the updates below run only where it said yes)."""
+    if _library is None:
+        raise RuntimeError("radam_dist.native: the kernel is not loaded; ask serves() first")
+    return _library
 
 
 def _parts(grad) -> list:
@@ -297,14 +307,21 @@ def _on_cpu(device: str) -> bool:
 
 def apply_dense(update) -> None:
     """``radam_math.apply_dense`` on one ``fused.DenseUpdate``, by the kernel; call it only
-    where ``serves`` said yes."""
+    where ``serves`` said yes. A ``radam_math.Rows`` target (a ZeRO replica's rows, a tensor)
+    gets its new value; m, v and vhat are updated in place either way."""
+    from radam_dist import radam_math  # pylint: disable=import-outside-toplevel
+
     s = update.scalars
-    library().radam_dist_apply_dense(
-        update.var.handle, update.m.handle, update.v.handle,
-        [update.vhat.handle] if update.vhat is not None else [], _parts(update.grad),
-        s.lr, s.weight_decay, s.beta_1, s.one_minus_beta_1, s.beta_2, s.one_minus_beta_2,
-        s.m_correction, s.v_correction, s.r_t, s.rectified, s.epsilon,
-        has_weight_decay=s.has_weight_decay)
+    slots = (update.m.handle, update.v.handle,
+             [update.vhat.handle] if update.vhat is not None else [], _parts(update.grad),
+             s.lr, s.weight_decay, s.beta_1, s.one_minus_beta_1, s.beta_2, s.one_minus_beta_2,
+             s.m_correction, s.v_correction, s.r_t, s.rectified, s.epsilon)
+    if isinstance(update.var, radam_math.Rows):
+        update.var.value = _loaded().radam_dist_apply_dense_rows(
+            update.var.value, *slots, has_weight_decay=s.has_weight_decay)
+        return
+    _loaded().radam_dist_apply_dense(update.var.handle, *slots,
+                                     has_weight_decay=s.has_weight_decay)
 
 
 def pull_back(var, slow, alpha) -> None:
@@ -314,5 +331,5 @@ def pull_back(var, slow, alpha) -> None:
 
     from radam_dist import radam_math  # pylint: disable=import-outside-toplevel
 
-    library().radam_dist_lookahead_pull_back(
+    _loaded().radam_dist_lookahead_pull_back(
         var.handle, slow.handle, radam_math.slow_step_size_as(alpha, tf.as_dtype(var.dtype)))

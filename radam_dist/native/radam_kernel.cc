@@ -31,33 +31,54 @@ using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::Var;
 
+// The inputs and attributes of a step that both ops take after their first input (the
+// variable, or the rows): the slots, the gradient's parts and the step scalars.
+#define RADAM_DIST_STEP_INPUTS                 \
+    .Input("m: resource")                      \
+    .Input("v: resource")                      \
+    .Input("vhat: num_vhat * resource")        \
+    .Input("grads: num_parts * T")             \
+    .Input("lr: T")                            \
+    .Input("weight_decay: T")                  \
+    .Input("beta_1: T")                        \
+    .Input("one_minus_beta_1: T")              \
+    .Input("beta_2: T")                        \
+    .Input("one_minus_beta_2: T")              \
+    .Input("m_correction: T")                  \
+    .Input("v_correction: T")                  \
+    .Input("r_t: T")                           \
+    .Input("rectified: bool")                  \
+    .Input("epsilon: T")
+#define RADAM_DIST_STEP_ATTRS                  \
+    .Attr("T: {float, double}")                \
+    .Attr("num_vhat: int >= 0 = 0")            \
+    .Attr("num_parts: int >= 1 = 1")           \
+    .Attr("has_weight_decay: bool = true")
+
 REGISTER_OP("RadamDistApplyDense")
     .Input("var: resource")
-    .Input("m: resource")
-    .Input("v: resource")
-    .Input("vhat: num_vhat * resource")
-    .Input("grads: num_parts * T")
-    .Input("lr: T")
-    .Input("weight_decay: T")
-    .Input("beta_1: T")
-    .Input("one_minus_beta_1: T")
-    .Input("beta_2: T")
-    .Input("one_minus_beta_2: T")
-    .Input("m_correction: T")
-    .Input("v_correction: T")
-    .Input("r_t: T")
-    .Input("rectified: bool")
-    .Input("epsilon: T")
-    .Attr("T: {float, double}")
-    .Attr("num_vhat: int >= 0 = 0")
-    .Attr("num_parts: int >= 1 = 1")
-    .Attr("has_weight_decay: bool = true")
+    RADAM_DIST_STEP_INPUTS
+    RADAM_DIST_STEP_ATTRS
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext*) {
       return absl::OkStatus();
     })
     .Doc(R"doc(
 One RAdam step on var, m, v (and vhat, for amsgrad) in place, in one pass over memory:
 radam_math.apply_dense. grads are the replicas' parts of the gradient, added left to right.
+)doc");
+
+REGISTER_OP("RadamDistApplyDenseRows")
+    .Input("rows: T")
+    RADAM_DIST_STEP_INPUTS
+    .Output("new_rows: T")
+    RADAM_DIST_STEP_ATTRS
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+RadamDistApplyDense on a tensor that is no variable (a ZeRO replica's rows of one): m, v
+(and vhat) are updated in place, the rows' new values are the output.
 )doc");
 
 REGISTER_OP("RadamDistLookaheadPullBack")
@@ -199,7 +220,7 @@ void InBlocks(OpKernelContext* ctx, int64_t n, int64_t cycles_per_element, const
                     });
 }
 
-// The resource variables of inputs [0, names.size()), looked up, distinct, locked
+// The resource variables of inputs [first_input, first_input + names.size()), looked up, distinct, locked
 // exclusively in address order (as TF's training ops lock theirs), and checked: initialized,
 // of dtype T, of `shape` (null: the first variable's). `against` names what the dtype and
 // shape are compared with.
@@ -207,10 +228,11 @@ template <typename T>
 class LockedVariables {
  public:
   LockedVariables(OpKernelContext* ctx, const char* op, std::vector<const char*> names,
-                  const tensorflow::TensorShape* shape, const char* against) {
+                  const tensorflow::TensorShape* shape, const char* against, int first_input = 0) {
     vars_.resize(names.size());
     for (size_t i = 0; i < names.size(); ++i) {
-      status_ = tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, i), &vars_[i]);
+      status_ = tensorflow::LookupResource(
+          ctx, tensorflow::HandleFromInput(ctx, first_input + static_cast<int>(i)), &vars_[i]);
       if (!status_.ok()) return;
     }
     std::vector<Var*> order;
@@ -260,7 +282,10 @@ class LockedVariables {
   absl::Status status_;
 };
 
-template <typename T>
+// RadamDistApplyDense (kRows false): var is input 0, a resource variable updated in place.
+// RadamDistApplyDenseRows (kRows true): input 0 is a tensor of rows; the output starts as their
+// copy, block by block (so each block is copied while it is in cache), and is updated in place.
+template <typename T, bool kRows>
 class ApplyDenseOp : public OpKernel {
  public:
   explicit ApplyDenseOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -268,48 +293,70 @@ class ApplyDenseOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_parts", &num_parts_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("has_weight_decay", &has_weight_decay_));
     OP_REQUIRES(ctx, num_vhat_ <= 1,
-                absl::InvalidArgumentError("RadamDistApplyDense: num_vhat must be 0 or 1"));
+                absl::InvalidArgumentError(absl::StrCat(kName, ": num_vhat must be 0 or 1")));
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const int num_vars = 3 + num_vhat_;
-    const tensorflow::TensorShape& shape = ctx->input(num_vars).shape();
+    // The resource inputs come first: var (not for rows), m, v, vhat.
+    const int first_variable = kRows ? 1 : 0;
+    const int num_vars = 2 + (kRows ? 0 : 1) + num_vhat_;
+    const int first_part = first_variable + num_vars;
+    const tensorflow::TensorShape& shape = ctx->input(first_part).shape();
     std::vector<const char*> names = {"var", "m", "v", "vhat"};
+    if (kRows) names.erase(names.begin());
     names.resize(num_vars);
-    LockedVariables<T> vars(ctx, "RadamDistApplyDense", names, &shape, "the gradient");
+    if (kRows) {
+      OP_REQUIRES(ctx, ctx->input(0).shape() == shape,
+                  absl::InvalidArgumentError(absl::StrCat(
+                      kName, ": rows have shape ", ctx->input(0).shape().DebugString(),
+                      ", the gradient ", shape.DebugString())));
+    }
+    LockedVariables<T> vars(ctx, kName, names, &shape, "the gradient", first_variable);
     OP_REQUIRES_OK(ctx, vars.status());
     Arrays<T> arrays;
     for (int k = 0; k < num_parts_; ++k) {
-      const Tensor& part = ctx->input(num_vars + k);
+      const Tensor& part = ctx->input(first_part + k);
       OP_REQUIRES(ctx, part.shape() == shape,
                   absl::InvalidArgumentError(absl::StrCat(
-                      "RadamDistApplyDense: gradient part ", k, " has shape ",
+                      kName, ": gradient part ", k, " has shape ",
                       part.shape().DebugString(), ", part 0 ", shape.DebugString())));
       arrays.parts.push_back(part.flat<T>().data());
     }
-    const int first_scalar = num_vars + num_parts_;
+    const int first_scalar = first_part + num_parts_;
     for (int j = 0; j < kNumScalars; ++j) {
       OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(ctx->input(first_scalar + j).shape()),
                   absl::InvalidArgumentError(absl::StrCat(
-                      "RadamDistApplyDense: step scalar ", j, " is not a scalar")));
+                      kName, ": step scalar ", j, " is not a scalar")));
     }
     auto scalar = [&](int j) { return ctx->input(first_scalar + j).scalar<T>()(); };
     const Scalars<T> s{scalar(0), scalar(1), scalar(2), scalar(3), scalar(4), scalar(5),
                        scalar(6), scalar(7), scalar(8),
                        ctx->input(first_scalar + 9).scalar<bool>()(), scalar(10)};
+    const T* rows = nullptr;
+    if (kRows) {
+      Tensor* out = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &out));
+      rows = ctx->input(0).flat<T>().data();
+      arrays.var = out->flat<T>().data();
+    }
     // Only now, with every input checked, is anything written.
     OP_REQUIRES_OK(ctx, vars.PrepareToUpdate(ctx));
-    arrays.var = vars.data(0);
-    arrays.m = vars.data(1);
-    arrays.v = vars.data(2);
-    arrays.vhat = num_vhat_ ? vars.data(3) : nullptr;
+    int next = 0;
+    if (!kRows) arrays.var = vars.data(next++);
+    arrays.m = vars.data(next++);
+    arrays.v = vars.data(next++);
+    arrays.vhat = num_vhat_ ? vars.data(next) : nullptr;
 
     const RangeFn<T> update = Choose<T>(num_vhat_ > 0, s.rectified, has_weight_decay_);
     InBlocks(ctx, shape.num_elements(), /*cycles_per_element=*/20,
-             [&](int64_t begin, int64_t end) { update(arrays, s, begin, end); });
+             [&](int64_t begin, int64_t end) {
+               if (kRows) std::memcpy(arrays.var + begin, rows + begin, (end - begin) * sizeof(T));
+               update(arrays, s, begin, end);
+             });
   }
 
  private:
+  static constexpr const char* kName = kRows ? "RadamDistApplyDenseRows" : "RadamDistApplyDense";
   int num_vhat_ = 0;
   int num_parts_ = 1;
   bool has_weight_decay_ = true;
@@ -349,7 +396,10 @@ class PullBackOp : public OpKernel {
 #define RADAM_DIST_REGISTER(T)                                                        \
   REGISTER_KERNEL_BUILDER(                                                            \
       Name("RadamDistApplyDense").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
-      ApplyDenseOp<T>);
+      ApplyDenseOp<T, false>);                                                          \
+  REGISTER_KERNEL_BUILDER(                                                            \
+      Name("RadamDistApplyDenseRows").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
+      ApplyDenseOp<T, true>);
 RADAM_DIST_REGISTER(float)
 RADAM_DIST_REGISTER(double)
 #undef RADAM_DIST_REGISTER

@@ -97,6 +97,76 @@ class ClassicOptimizerAPI:
                         if slot is not None]
         return entries
 
+    # -- what a state layout may ask (radam_dist/distribute/state_host.py) ------------------
+    @property
+    def distribution_strategy(self):
+        """The strategy the optimizer was made under (its state lives there)."""
+        return self._distribution_strategy
+
+    @property
+    def state_layout(self):
+        """Where the state lives (radam_dist/distribute/state_layout.py)."""
+        return self._state_layout
+
+    def step_plan(self):
+        """The plan of this optimizer's step (``radam_dist.step.plan.StepPlan``): where the
+        state lives, how gradients are exchanged and which kernel updates each variable
+        group, with why. ``print(opt.step_plan())`` answers "why is my step slow"."""
+        return self._step_plan
+
+    def compiled_cache(self) -> dict:
+        """Compiled update chunks kept from step to step (not tracked by Keras)."""
+        return self.__dict__.setdefault("_fused_compiled", {})
+
+    def variable_index(self, variable) -> int:
+        """The position of ``variable`` among the variables the optimizer was built with
+        (KeyError naming it when it is not one of them)."""
+        return self._index_of(variable)
+
+    def variable_key(self, variable):
+        """A key for ``variable`` that every wrapper of it shares (Keras' own)."""
+        return self._var_key(variable)
+
+    def slot_table(self) -> dict:
+        """Slot name -> per-variable list of slot variables (``add_slot``'s table)."""
+        return self._slots
+
+    def tracked_variables(self) -> list:
+        """Keras' own list of the optimizer's variables, in creation order."""
+        return self._variables
+
+    def tracked_dependency(self, name: str):
+        """The checkpoint dependency ``name`` of the optimizer, or None."""
+        return self._lookup_dependency(name)
+
+    @property
+    def sums_gradients(self) -> bool:
+        """False where the caller summed the gradients across replicas already
+        (``experimental_aggregate_gradients=False``)."""
+        return getattr(self, "_aggregate_gradients", True)
+
+    def sum_gradients(self, grads_and_vars) -> list:
+        """The cross-replica sum of the pairs (order and None gradients kept)."""
+        return self._all_reduce_sum_gradients(grads_and_vars)
+
+    def clip_summed(self, grads) -> list:
+        """Clipping (clipnorm, global_clipnorm, clipvalue) of summed gradients, as tf.keras."""
+        return self._clip_aggregated(grads)
+
+    def decays(self, variable) -> bool:
+        """Does weight decay apply to ``variable`` (``exclude_from_weight_decay``)?"""
+        return self._use_weight_decay(variable)
+
+    def guard_checkpoint_children(self, guard: Callable[[str], None]) -> None:
+        """Have ``guard(name)`` see (and may refuse, by raising) every child a checkpoint
+        restores into this optimizer before it has that child (TensorFlow files those among
+        the object's deferred dependencies)."""
+        self._maybe_initialize_trackable()
+        table = getattr(self, "_self_unconditional_deferred_dependencies", None)
+        if isinstance(table, dict) and not isinstance(table, _GuardedDependencies):
+            object.__setattr__(self, "_self_unconditional_deferred_dependencies",
+                               _GuardedDependencies(guard, table))
+
     # -- the state layout (radam_dist/distribute/state_layout.py) ---------------------------
     def _logical_variables(self) -> list:
         """Keras' ``variables`` with every slot whole: what ``.keras`` files hold, the same
@@ -326,6 +396,22 @@ def _never_stepped(store) -> bool:
     except KeyError:
         return True
     return first.shape == () and np.issubdtype(first.dtype, np.integer) and int(first) == 0
+
+
+class _GuardedDependencies(dict):
+    """An optimizer's deferred checkpoint dependencies, each new key shown to a guard."""
+
+    def __init__(self, guard, *args):
+        super().__init__(*args)
+        self.guard = guard
+
+    def setdefault(self, key, default=None):
+        self.guard(key)
+        return super().setdefault(key, default)
+
+    def __setitem__(self, key, value):
+        self.guard(key)
+        super().__setitem__(key, value)
 
 
 class _ValueInitializer(keras.initializers.Initializer):

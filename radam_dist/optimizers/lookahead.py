@@ -21,8 +21,7 @@ from typing import List, Union
 import keras
 import tensorflow as tf
 
-from radam_dist import fused, radam_math
-from radam_dist.distribute import aggregation, state_layout
+from radam_dist import executor, radam_math
 from radam_dist.optimizers.classic_api import ClassicOptimizerAPI
 from radam_dist.optimizers.wrapper import (
     ForwardsToInnerOptimizer,
@@ -30,6 +29,7 @@ from radam_dist.optimizers.wrapper import (
     resolve_inner_optimizer,
     step_counter,
 )
+from radam_dist.step.plan import StepPlan
 
 
 class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.Optimizer):
@@ -66,8 +66,9 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
         self._init_slots()
         # The slow weights live where the inner optimizer keeps its state (sharded with it).
         inner_layout = getattr(optimizer, "_state_layout", None)
-        self._state_layout = state_layout.for_optimizer(
-            self, bool(inner_layout is not None and inner_layout.shards_state))
+        self._step_plan = StepPlan(
+            self, bool(inner_layout is not None and inner_layout.shards_state), role="lookahead")
+        self._state_layout = self._step_plan.layout
 
     # -- shared state (step counter and learning rate: ForwardsToInnerOptimizer) ------------------
     @property
@@ -132,20 +133,23 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
         if self.built:
             return
         inner = self.inner_optimizer
+        inner_plan = getattr(inner, "_step_plan", None)
         self._refuse_build_inside_replica_step(
-            hasattr(inner, "all_reduce_dtype") and aggregation.sums_in_graph(inner))
+            inner_plan is not None and inner_plan.sums_in_graph())
         var_list = self._state_layout.expand(var_list)  # PSS: one slot per shard, on its server
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
         super().build(var_list)
         self._state_layout.build_slots(self, var_list, ("slow",), start_at_variables=True)
+        self._step_plan.note_variables(var_list)
+        self._step_plan.log_once()
 
     # -- one step -------------------------------------------------------------------------------
     def apply(self, grads, trainable_variables=None):
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         else:
-            grads, trainable_variables = self._state_layout.split(grads, trainable_variables)
+            grads, trainable_variables = self._state_layout.expand_pairs(grads, trainable_variables)
             self._build_eagerly(trainable_variables)
             self._check_variables_are_known(trainable_variables)
         before = tf.identity(self.iterations)
@@ -190,12 +194,13 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
                 constrain(var, constraint)
 
         if not tf.distribute.has_strategy():
-            return _when(sync, constrain_all)
+            return executor.when(sync, constrain_all)
 
         def cross_replica(distribution, sync):
             for var, constraint in constrained:
                 distribution.extended.update(
-                    var, lambda copy, pred, c=constraint: _when(pred, lambda: constrain(copy, c)),
+                    var, lambda copy, pred, c=constraint: executor.when(
+                        pred, lambda: constrain(copy, c)),
                     args=(sync,), group=False)
 
         tf.__internal__.distribute.interim.maybe_merge_call(
@@ -203,9 +208,9 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
 
     def _replicated_sync(self, variables, sync, after) -> None:
         one = radam_math.runtime_one(tf.cast(tf.maximum(after, 1), tf.float32))
-        if fused.applicable(self._distribution_strategy):
+        if self._step_plan.compiles_without_strategy(self._distribution_strategy):
             # No strategy: one branch for all variables, not one per variable.
-            return _when(sync, lambda: self._pull_back_all(variables, one))
+            return executor.when(sync, lambda: self._pull_back_all(variables, one))
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._distributed_sync, self._distribution_strategy, variables, sync, one
         )
@@ -215,23 +220,19 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
 
     def _pull_back_all(self, variables, one) -> None:
         pairs = [(var, self._slow(var)) for var in variables]
-        if radam_math.in_xla_context():  # the caller compiles the whole step
-            for var, slow in pairs:
-                radam_math.lookahead_pull_back(var, slow, self.slow_step_size, one)
-        else:
-            cache = self.__dict__.setdefault("_fused_compiled", {})  # untracked by Keras
-            fused.pull_back(pairs, self.slow_step_size, one, cache)
+        executor.pull_back(pairs, self.slow_step_size, one, plan=self._step_plan,
+                           cache=self.compiled_cache())
 
     def _distributed_sync(self, distribution, variables, sync, one):
-        devices = fused.mirrored_devices(distribution)
+        devices = self._step_plan.mirrored_devices(distribution)
         if devices and not radam_math.in_xla_context():
             variables = self._sync_on_each_device(distribution, devices, variables, sync, one)
         for var in variables:
             distribution.extended.update(var, self._sync_variable, args=(sync, one), group=False)
 
     def _sync_on_each_device(self, distribution, devices, variables, sync, one) -> list:
-        """MirroredStrategy / MWMS: one branch per device over compiled chunks of that
-        device's (fast, slow) copies, not one per variable; returns the variables left to
+        """MirroredStrategy / MWMS: one branch per device over that device's (fast, slow)
+        copies, by the plan's kernel, not one per variable; returns the variables left to
         the per-variable path (those whose copies are not where the strategy's devices are)."""
         layout = self._state_layout
         per_device: List[list] = [[] for _ in devices]
@@ -245,20 +246,21 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
                 continue
             for i, pair in enumerate(zip(copies, slows)):
                 per_device[i].append(pair)
-        cache = self.__dict__.setdefault("_fused_compiled", {})  # untracked by Keras
+        cache = self.compiled_cache()
         for i, (device, pairs) in enumerate(zip(devices, per_device)):
             if not pairs:
                 continue
-            one_i = fused.local_value(distribution, one, i)
+            one_i = executor.local_value(distribution, one, i)
             with tf.device(device):
-                _when(fused.local_value(distribution, sync, i),
-                      lambda pairs=pairs, one_i=one_i, device=device: fused.pull_back(
-                          pairs, self.slow_step_size, one_i, cache, device=device))
+                executor.when(executor.local_value(distribution, sync, i),
+                              lambda pairs=pairs, one_i=one_i, device=device: executor.pull_back(
+                                  pairs, self.slow_step_size, one_i, plan=self._step_plan,
+                                  cache=cache, device=device))
         return rest
 
     def _sync_variable(self, var, sync, one):
         slow = self._slow(var)
-        _when(sync, lambda: radam_math.lookahead_pull_back(var, slow, self.slow_step_size, one))
+        executor.when(sync, lambda: executor.pull_back_one(var, slow, self.slow_step_size, one))
 
     # -- config ---------------------------------------------------------------------------------
     def get_config(self) -> dict:
@@ -268,31 +270,6 @@ class Lookahead(ForwardsToInnerOptimizer, ClassicOptimizerAPI, keras.optimizers.
             "sync_period": self.sync_period,
             "slow_step_size": self.slow_step_size,
         }
-
-
-def _when(pred, update_fn) -> None:
-    """Run ``update_fn`` (which only assigns variables) on the steps where ``pred`` holds.
-
-    Outside XLA this is ``tf.cond``. Under XLA a conditional threads every variable it may
-    assign through both branches and copies them on every step, taken or not (a 50M-parameter
-    variable: 53 ms per step against 12 ms, bench/xla_writes.py); a while loop that runs
-    once or not at all updates them in place.
-    """
-    if not radam_math.in_xla_context():
-
-        def run():
-            update_fn()
-            return tf.constant(True)
-
-        tf.cond(pred, run, lambda: tf.constant(False))
-        return
-
-    def run_once(count):
-        update_fn()
-        return count + 1
-
-    runs = tf.cast(pred, tf.int32)
-    tf.while_loop(lambda count: count < runs, run_once, [tf.constant(0)])
 
 
 keras.saving.get_custom_objects()["Addons>Lookahead"] = Lookahead

@@ -10,9 +10,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from radam_dist import fused, radam_math
-from radam_dist.distribute import aggregation, state_layout
+from radam_dist import executor, fused, radam_math
+from radam_dist.distribute import compression, gradient_sums
+from radam_dist.optimizers import accumulation
 from radam_dist.optimizers.classic_api import ClassicOptimizerAPI, maybe_float
+from radam_dist.step.plan import StepPlan
 
 Hyper = Union[float, keras.optimizers.schedules.LearningRateSchedule, Callable[[], Any]]
 
@@ -152,13 +154,15 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         self.warmup_proportion = float(warmup_proportion)
         self.min_lr = float(min_lr)
         self.decay = decay
-        # Cross-replica sum in float16 when set (radam_dist/distribute/aggregation.py).
-        self.all_reduce_dtype = aggregation.validate_all_reduce_dtype(all_reduce_dtype)
-        self.accumulation_steps = aggregation.validate_accumulation_steps(accumulation_steps)
+        # Cross-replica sum in float16 when set (radam_dist/distribute/compression.py).
+        self.all_reduce_dtype = compression.validate_all_reduce_dtype(all_reduce_dtype)
+        self.accumulation_steps = accumulation.validate_accumulation_steps(accumulation_steps)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.shard_optimizer_state = bool(shard_optimizer_state)  # ZeRO-1: distribute/zero.py
-        # Where m, v, vhat live (replicated, replica-sharded, on parameter servers).
-        self._state_layout = state_layout.for_optimizer(self, self.shard_optimizer_state)
+        # The step: where m, v, vhat live (replicated, replica-sharded, on parameter
+        # servers), how gradients are exchanged, which kernel updates what (step/plan.py).
+        self._step_plan = StepPlan(self, self.shard_optimizer_state)
+        self._state_layout = self._step_plan.layout
         # get_config reports the rate as given (1e-4, not its float32 9.9999997e-05).
         given = maybe_float(learning_rate)
         self._given_learning_rate = given if isinstance(given, float) else None
@@ -211,12 +215,14 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
-        self._refuse_build_inside_replica_step(aggregation.sums_in_graph(self))
+        self._refuse_build_inside_replica_step(self._step_plan.sums_in_graph())
         var_list = self._state_layout.expand(var_list)  # PSS: one slot per shard, on its server
         super().build(var_list)
         slot_names = self._SLOT_NAMES + (("vhat",) if self.amsgrad else ())
         self._state_layout.build_slots(self, var_list, slot_names)
-        aggregation.build_gate_state(self, var_list)  # accumulators, skip counter
+        accumulation.build_gate_state(self, var_list)  # accumulators, skip counter
+        self._step_plan.note_variables(var_list)
+        self._step_plan.log_once()
 
     def _refuse_keras_accumulation_under_mirrored(self, strategy) -> None:
         """Keras' ``gradient_accumulation_steps`` puts the update (a merge_call) in a
@@ -236,13 +242,13 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         if self.gradient_accumulation_steps and tf.distribute.has_strategy():
             self._refuse_keras_accumulation_under_mirrored(tf.distribute.get_strategy())
         if trainable_variables is not None:
-            grads, trainable_variables = self._state_layout.split(grads, trainable_variables)
+            grads, trainable_variables = self._state_layout.expand_pairs(grads, trainable_variables)
             self._build_eagerly(trainable_variables)
-        if aggregation.gate_is_active(self):  # accumulation / non-finite skipping
+        if accumulation.gate_is_active(self):  # accumulation / non-finite skipping
             variables = trainable_variables
             if variables is None:
                 variables = self._trainable_variables
-            return aggregation.gated_apply(self, grads, variables, super().apply)
+            return accumulation.gated_apply(self, grads, variables, super().apply)
         return super().apply(grads, trainable_variables)
 
     # -- one step -------------------------------------------------------------------------------
@@ -277,9 +283,10 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         grads_and_vars = list(zip(grads, variables))
         in_graph: Tuple[bool, ...] = ()  # per pair: summed across replicas in merge_call
         if self._aggregate_gradients:
-            grads_and_vars, in_graph = aggregation.all_reduce_or_defer(
-                self, grads_and_vars, self._all_reduce_sum_gradients)
+            grads_and_vars, in_graph = gradient_sums.all_reduce_or_defer(
+                self._step_plan, grads_and_vars, self._all_reduce_sum_gradients)
         grads_and_vars = list(zip(self._clip_aggregated([g for g, _ in grads_and_vars]), variables))
+        self._step_plan.note_sparse([v for g, v in grads_and_vars if isinstance(g, tf.IndexedSlices)])
         dtypes = {radam_math.compute_dtype(v.dtype) for v in variables}
         scalars = {d.name: self.step_scalars(learning_rate, d) for d in sorted(dtypes, key=str)}
         tf.__internal__.distribute.interim.maybe_merge_call(
@@ -290,34 +297,34 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         )
 
     def _distributed_update(self, distribution, grads_and_vars, scalars, in_graph=()):
-        cache = self.__dict__.setdefault("_fused_compiled", {})  # untracked by Keras
-        devices = fused.mirrored_devices(distribution)
+        plan, cache = self._step_plan, self.compiled_cache()
+        devices = plan.mirrored_devices(distribution)
         if any(in_graph):
-            # The dense gradients' cross-replica sum, deferred to here (aggregation.py):
+            # The dense gradients' cross-replica sum, deferred to here (gradient_sums.py):
             # the fused chunks add every replica's gradient themselves; the per-variable
             # path gets each device's sum as a mirrored value.
             grads_and_vars = [
-                (aggregation.DeferredSum(distribution, g) if deferred and devices
-                 else aggregation.in_graph_sum(distribution, g) if deferred else g, v)
+                (gradient_sums.DeferredSum(distribution, g) if deferred and devices
+                 else gradient_sums.in_graph_sum(distribution, g) if deferred else g, v)
                 for (g, v), deferred in zip(grads_and_vars, in_graph)]
-        if fused.applicable(distribution):
-            # Dense updates in compiled XLA chunks (radam_dist/fused.py); sparse
-            # gradients keep the per-variable path below.
+        if plan.compiles_without_strategy(distribution):
+            # Dense updates by the plan's kernel (radam_dist/executor.py); sparse gradients keep
+            # the per-variable path below.
             dense = [(g, v) for g, v in grads_and_vars if fused.is_dense_float(g, v)]
-            fused.apply_dense(
-                [self._dense_update(var, grad, scalars) for grad, var in dense], cache=cache)
+            executor.update_dense([self._dense_update(var, grad, scalars) for grad, var in dense],
+                                  plan=plan, cache=cache)
             grads_and_vars = [(g, v) for g, v in grads_and_vars if not fused.is_dense_float(g, v)]
         elif devices:
-            grads_and_vars = self._fused_on_each_device(
+            grads_and_vars = self._update_each_device(
                 distribution, devices, grads_and_vars, scalars, cache)
         for grad, var in grads_and_vars:
             distribution.extended.update(
                 var, self._update_variable, args=(grad, scalars), group=False
             )
 
-    def _fused_on_each_device(self, distribution, devices, grads_and_vars, scalars, cache):
-        """MirroredStrategy / MWMS: each device updates its copies of the dense variables in
-        compiled chunks of its own (what ``extended.update`` does one variable at a time);
+    def _update_each_device(self, distribution, devices, grads_and_vars, scalars, cache):
+        """MirroredStrategy / MWMS: each device updates its copies of the dense variables
+        itself (what ``extended.update`` does one variable at a time), by the plan's kernel;
         returns the pairs left to the per-variable path (sparse gradients, odd placements)."""
         layout = self._state_layout
         per_device: List[List[fused.DenseUpdate]] = [[] for _ in devices]
@@ -325,30 +332,30 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         rest = []
         for grad, var in grads_and_vars:
             copies = layout.local_copies(distribution, var, devices)
-            if isinstance(grad, aggregation.DeferredSum):  # every device: all replicas' parts
+            if isinstance(grad, gradient_sums.DeferredSum):  # every device: all replicas' parts
                 grads = [grad.parts] * len(devices)
             else:
-                grads = [fused.local_value(distribution, grad, i) for i in range(len(devices))]
+                grads = [executor.local_value(distribution, grad, i) for i in range(len(devices))]
             slots = [self._slot_value(name, var) for name in ("m", "v", "vhat")]
             slot_copies = [None if slot is None else layout.local_copies(distribution, slot, devices)
                            for slot in slots]
             if (copies is None or not all(fused.is_dense_float(g, var) for g in grads)
                     or any(c is None for c, slot in zip(slot_copies, slots) if slot is not None)):
-                if isinstance(grad, aggregation.DeferredSum):
-                    grad = aggregation.in_graph_sum(distribution, grad.value)
+                if isinstance(grad, gradient_sums.DeferredSum):
+                    grad = gradient_sums.in_graph_sum(distribution, grad.value)
                 rest.append((grad, var))
                 continue
             s = self._variable_scalars(var, scalars)
             for i in range(len(devices)):
                 key = (i, radam_math.compute_dtype(var.dtype).name, s.has_weight_decay)
                 if key not in local_scalars:
-                    local_scalars[key] = fused.local_scalars(distribution, s, i)
+                    local_scalars[key] = executor.local_scalars(distribution, s, i)
                 m, v, vhat = (None if c is None else c[i] for c in slot_copies)
                 per_device[i].append(
                     fused.DenseUpdate(copies[i], grads[i], m, v, vhat, local_scalars[key]))
         for device, updates in zip(devices, per_device):
             if updates:
-                fused.apply_dense(updates, cache=cache, device=device)
+                executor.update_dense(updates, plan=self._step_plan, cache=cache, device=device)
         return rest
 
     def _variable_scalars(self, var, scalars: Dict[str, radam_math.StepScalars]):
@@ -362,12 +369,8 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         return fused.DenseUpdate(var, grad, m, v, vhat, self._variable_scalars(var, scalars))
 
     def _update_variable(self, var, grad, scalars: Dict[str, radam_math.StepScalars]):
-        s = self._variable_scalars(var, scalars)
         m, v, vhat = (self._slot_value(name, var) for name in ("m", "v", "vhat"))
-        if isinstance(grad, tf.IndexedSlices):
-            radam_math.apply_sparse(var, grad.values, grad.indices, m, v, vhat, s)
-        else:
-            radam_math.apply_dense(var, grad, m, v, vhat, s)
+        executor.update_one(var, grad, m, v, vhat, self._variable_scalars(var, scalars))
 
     def _slot_value(self, name, var):
         return self._state_layout.slot_variable(self, name, var)
@@ -404,7 +407,7 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
                     self, self._trainable_variables)
                 return tf.constant(True)
 
-            tf.cond(fused.local_value(distribution, should_overwrite, 0), run,
+            tf.cond(executor.local_value(distribution, should_overwrite, 0), run,
                     lambda: tf.constant(False))
 
         tf.__internal__.distribute.interim.maybe_merge_call(
@@ -420,7 +423,7 @@ class RectifiedAdam(ClassicOptimizerAPI, keras.optimizers.Optimizer):
         """Keras' float32 cross-replica sum, or the compressed one (``all_reduce_dtype``)."""
         if self.all_reduce_dtype is None:
             return super()._all_reduce_sum_gradients(grads_and_vars)
-        return aggregation.compressed_all_reduce_sum(
+        return compression.compressed_all_reduce_sum(
             grads_and_vars, self.all_reduce_dtype, super()._all_reduce_sum_gradients
         )
 

@@ -4,7 +4,7 @@ into an installed package.
 Two homes, two rules:
 
 * An installed package (a wheel): the stubs and ``ps.proto`` were generated into
-  ``radam_dist/ps/_generated/`` by the build (``build_hooks.py``, run by ``python -m build`` /
+  ``radam_dist/ps/_generated/`` by the build (``setup.py``'s ``BuildPy``, run by ``python -m build`` /
   ``pip install``). At run time they are only read; if they are missing the installation is
   broken and :func:`ensure_stubs` says so with an ImportError.
 * A source checkout (``protos/`` next to the package): developers edit ``ps.proto``, so stale or

@@ -21,6 +21,7 @@ import keras
 
 import radam_dist
 from radam_dist import fused
+from radam_dist import executor
 
 GLOBAL_BATCH = 8
 STEPS = 7  # Lookahead syncs after steps 3 and 6; RAdam rectifies from step 6
@@ -113,11 +114,11 @@ def fused_and_plain(strategy, cases):
     """For each (mode, kind): the state after the per-variable run, after the fused run (the
     one-pass kernel where it serves, ``radam_dist.native``) and after the fused run on XLA
     chunks alone (``RADAM_DIST_NATIVE=0``); the devices the fused run's updates
-    (``fused.apply_dense``) were placed on; and how many updates the kernel applied in each."""
+    (``executor.update_dense``) were placed on; and how many updates the kernel applied in each."""
     from radam_dist import native
 
     data = make_data()
-    real, real_native = fused.apply_dense, native.apply_dense
+    real, real_native = executor.update_dense, native.apply_dense
     placed, natively = [], []
 
     def spy(updates, **kwargs):
@@ -131,7 +132,7 @@ def fused_and_plain(strategy, cases):
     switches = (fused.ENV_SWITCH, native.ENV_SWITCH)
     previous = {name: os.environ.get(name) for name in switches}
     results = {}
-    fused.apply_dense, native.apply_dense = spy, native_spy
+    executor.update_dense, native.apply_dense = spy, native_spy
     try:
         for mode, kind in cases:
             run = loop if mode == "loop" else fit
@@ -146,7 +147,7 @@ def fused_and_plain(strategy, cases):
                     case["devices"] = sorted({str(d) for d in placed})
             results[f"{mode}-{kind}"] = case
     finally:
-        fused.apply_dense, native.apply_dense = real, real_native
+        executor.update_dense, native.apply_dense = real, real_native
         for name, value in previous.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -157,34 +158,34 @@ def fused_and_plain(strategy, cases):
 
 def split_and_single_pack(strategy, kind="ranger"):
     """MWMS: the state after the loop with every dense gradient all-reduced on its own
-    (``aggregation.split_all_reduce_sum`` with ``SPLIT_MIN_BYTES = 0``) and with Keras' single
+    (``gradient_sums.all_reduce_large_apart`` with ``SPLIT_MIN_BYTES = 0``) and with Keras' single
     pack (``RADAM_DIST_ALL_REDUCE_SPLIT=0``), and per traced step how many gradients went one
     by one."""
-    from radam_dist.distribute import aggregation
+    from radam_dist.distribute import gradient_sums
 
     data = make_data()
-    real, threshold = aggregation.split_all_reduce_sum, aggregation.SPLIT_MIN_BYTES
+    real, threshold = gradient_sums.all_reduce_large_apart, gradient_sums.SPLIT_MIN_BYTES
     counted = []
 
     def spy(grads_and_vars, all_reduce_sum):
-        counted.append(sum(aggregation._is_large(g) for g, _ in grads_and_vars))
+        counted.append(sum(gradient_sums._is_large(g) for g, _ in grads_and_vars))
         return real(grads_and_vars, all_reduce_sum)
 
-    previous = os.environ.get(aggregation.SPLIT_SWITCH)
+    previous = os.environ.get(gradient_sums.SPLIT_SWITCH)
     out = {}
-    aggregation.split_all_reduce_sum, aggregation.SPLIT_MIN_BYTES = spy, 0
+    gradient_sums.all_reduce_large_apart, gradient_sums.SPLIT_MIN_BYTES = spy, 0
     try:
         for label, switch in (("split", "1"), ("single", "0")):
-            os.environ[aggregation.SPLIT_SWITCH] = switch
+            os.environ[gradient_sums.SPLIT_SWITCH] = switch
             del counted[:]
             out[label] = loop(strategy, kind, data)
             out[label + "_counted"] = list(counted)
     finally:
-        aggregation.split_all_reduce_sum, aggregation.SPLIT_MIN_BYTES = real, threshold
+        gradient_sums.all_reduce_large_apart, gradient_sums.SPLIT_MIN_BYTES = real, threshold
         if previous is None:
-            os.environ.pop(aggregation.SPLIT_SWITCH, None)
+            os.environ.pop(gradient_sums.SPLIT_SWITCH, None)
         else:
-            os.environ[aggregation.SPLIT_SWITCH] = previous
+            os.environ[gradient_sums.SPLIT_SWITCH] = previous
     return out
 
 

@@ -15,7 +15,7 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 
-from radam_dist.distribute.legacy_keras import LegacyRectifiedAdam  # noqa: E402
+from radam_dist.optimizers.legacy_keras import LegacyRectifiedAdam  # noqa: E402
 
 GLOBAL_BATCH, VOCAB, STEPS = 16, 24, 10
 

@@ -1,6 +1,9 @@
 """`make demo`'s distributed part: the same model on two replicas (MirroredStrategy over two
 logical CPUs) and on a two-worker MWMS cluster (two processes on loopback, started like
-``radam-dist launch``), each compared with the one-device run of the same global batches."""
+``radam-dist launch``), each compared with the one-device run of the same global batches.
+
+    python -m examples.distribute.demo [OUT_DIR]
+"""
 
 from __future__ import annotations
 
@@ -16,13 +19,14 @@ from typing import List
 
 import numpy as np
 
-from radam_dist.distribute.launcher import LocalCluster
+from radam_dist.launch import LocalCluster
 
 log = logging.getLogger(__name__)
 
 # float32 agreement with the one-device trajectory (summation order only), see DISTRIBUTE.md
 RTOL, ATOL = 1e-5, 1e-6
-_SCRIPT = [sys.executable, "-m", "radam_dist.distribute.demo_train"]
+# run by path: the tasks need no particular working directory
+_SCRIPT = [sys.executable, str(pathlib.Path(__file__).resolve().with_name("train.py"))]
 
 
 def _env():

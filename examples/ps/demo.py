@@ -5,7 +5,8 @@ that train the same small model (an embedding table split by rows across the sha
 layers) on their halves of a synthetic data set with ``ParameterServerOptimizer``. It returns
 summary lines; the worker results and server logs land in ``out_dir``.
 
-    python -m radam_dist.ps.demo --out out/ps
+    python -m examples.ps.demo --out out/ps         (from the checkout's root)
+    python examples/ps/demo.py worker --targets HOST:PORT ... --index I --num-workers K
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def run(out_dir: str) -> List[str]:
                 "--mode", "sync", "--num-workers", "2", "--num-shards", "2", "--shard-index", str(i),
                 "--checkpoint-dir", str(out / f"ckpt{i}"), "--checkpoint-interval", "0",
                 "--sync-timeout", "120"], server_env))
-        workers = [subprocess.Popen([sys.executable, "-m", "radam_dist.ps.demo", "worker",
+        workers = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "worker",
                                      "--out", str(out), "--index", str(i), "--num-workers", "2",
                                      "--wait-for-ports", str(out / "shard0.port"), str(out / "shard1.port")],
                                     env=env, stdout=open(out / f"worker-{i}.log", "wb"),

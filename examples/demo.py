@@ -1,4 +1,5 @@
-"""``make demo``: RectifiedAdam, Ranger and Adam side by side, then the distributed parts.
+"""``make demo`` (``python -m examples.demo`` from the checkout's root): RectifiedAdam, Ranger
+and Adam side by side, then the distributed parts.
 
 Trains the same small model (an Embedding, so the optimizers see sparse gradients, and a
 dense tower) on a synthetic task that the demo generates itself, with Keras progress bars,
@@ -8,8 +9,8 @@ same model and data trained with Adam without warmup, Adam with a linear warmup,
 and Lookahead(RectifiedAdam) over a sweep of learning rates, the final validation loss of each.
 ``out/loss_curves.png`` shows the curves, the sweep and RectifiedAdam's effective learning rate
 over the first steps; ``out/lr_sweep.json`` holds the measured numbers. Then it runs each
-distributed capability's own short demo (tf.distribute, Horovod, the gRPC parameter server)
-and prints what each reports.
+distributed capability's own short demo (tf.distribute, Horovod, the gRPC parameter server:
+``examples/<part>/demo.py``) and prints what each reports.
 """
 
 from __future__ import annotations
@@ -272,11 +273,12 @@ def plot(results, path: str, sweep=None, settings: str = "", learning_rate: floa
     plt.close(fig)
 
 
-# Each distributed capability provides `run(out_dir) -> list[str]` in its own demo module.
+# Each distributed capability provides `run(out_dir) -> list[str]` in its own demo module
+# (examples/<part>/demo.py); <part> names the --skip choice and the folder under --out.
 DISTRIBUTED_PARTS = [
-    ("tf.distribute: two replicas and a two-worker MWMS cluster", "radam_dist.distribute.demo"),
-    ("Horovod: two ranks with horovodrun --gloo", "radam_dist.horovod.demo"),
-    ("gRPC parameter server: two shards, two workers", "radam_dist.ps.demo"),
+    ("tf.distribute: two replicas and a two-worker MWMS cluster", "examples.distribute.demo"),
+    ("Horovod: two ranks with horovodrun --gloo", "examples.horovod.demo"),
+    ("gRPC parameter server: two shards, two workers", "examples.ps.demo"),
 ]
 
 
@@ -323,7 +325,7 @@ def _finite_or_null(value):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m radam_dist.demo",
+        prog="python -m examples.demo",
         description="Train one model with Adam, RectifiedAdam and Lookahead(RectifiedAdam), "
         "compare them, then run the distributed demos (tf.distribute, Horovod, parameter server).",
     )

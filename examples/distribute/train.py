@@ -1,8 +1,8 @@
 """The distributed demo's train script: one small model trained with model.fit and
 Lookahead(RectifiedAdam) on one device and under a strategy, same data, same start.
 
-    python -m radam_dist.distribute.demo_train --strategy mirrored --out r.json
-    radam-dist launch --workers 2 -- python -m radam_dist.distribute.demo_train \\
+    python examples/distribute/train.py --strategy mirrored --out r.json
+    radam-dist launch --workers 2 -- python examples/distribute/train.py \\
         --strategy mwms --out r.json
 
 It is also a template: the MWMS branch is all a Keras 3 script needs under

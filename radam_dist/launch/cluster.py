@@ -1,9 +1,10 @@
-"""TF_CONFIG for local clusters, and the role a process plays in one.
+"""TF_CONFIG for local clusters, the role a process plays in one, and waiting for its peers.
 
 ``tf.distribute`` reads the cluster layout from the ``TF_CONFIG`` environment variable. On
 Kubernetes (deploy/k8s/) or another platform it is set for you; ``radam-dist launch`` sets it
 for processes on this machine. Training scripts read it through the helpers here, so the same
-script runs unchanged in both places.
+script runs unchanged in both places. Standard library only (no TensorFlow): the strategy
+TF_CONFIG calls for is ``radam_dist.distribute.strategy_from_environment``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-if TYPE_CHECKING:  # the launcher imports this module and must not pay for TensorFlow
-    import tensorflow as tf
-
-log = logging.getLogger(__name__)
+# The logger keeps the name it had before the module moved here: log filters and the lines
+# tasks print stay the same.
+log = logging.getLogger("radam_dist.distribute.cluster")
 
 
 def free_loopback_ports(count: int, host: str = "127.0.0.1") -> List[int]:
@@ -64,7 +64,7 @@ def local_cluster_spec(workers: int, ps: int = 0, host: str = "127.0.0.1",
     ports = iter(free_loopback_ports(len(local), host))
     address = {n: f"{host}:{next(ports)}" for n in local}
     if placements:
-        from radam_dist.distribute import netns
+        from radam_dist.launch import netns
 
         # One request per (namespace, address): ports asked for one at a time could repeat.
         hosts: Dict[tuple, List[str]] = {}
@@ -241,51 +241,3 @@ def is_parameter_server_cluster() -> bool:
     """True when TF_CONFIG describes a cluster with parameter servers."""
     config = read_tf_config()
     return bool(config) and bool(config.get("cluster", {}).get("ps"))
-
-
-def serve_if_pss_worker_or_ps() -> None:
-    """In a PSS cluster, turn a ``worker`` or ``ps`` task into a tf.distribute.Server that
-    serves until it is killed; return immediately on the chief or outside PSS.
-
-    Put it at the top of a train script so one script serves every task.
-    """
-    import tensorflow as tf
-
-    task = current_task()
-    if not is_parameter_server_cluster() or task is None or task["type"] not in ("worker", "ps"):
-        return
-    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    log.info("serving as %s:%s", task["type"], task["index"])
-    server = tf.distribute.Server(
-        resolver.cluster_spec(),
-        job_name=resolver.task_type,
-        task_index=resolver.task_id,
-        protocol=resolver.rpc_layer or "grpc",
-        start=True,
-    )
-    server.join()
-    raise SystemExit(0)  # pragma: no cover - join() only returns when the server dies
-
-
-def strategy_from_environment(
-    variable_partitioner=None, peer_timeout: Optional[float] = None,
-) -> "tf.distribute.Strategy":
-    """The strategy TF_CONFIG calls for: PSS (with ``variable_partitioner``) when the cluster
-    has parameter servers, MWMS when it has workers, else MirroredStrategy on local devices.
-
-    A bad TF_CONFIG is refused (ValueError) before TensorFlow loads. Before a multi-worker
-    strategy is created, ``wait_for_peers`` waits for the other tasks: at most ``peer_timeout``
-    seconds (default $RADAM_DIST_PEER_TIMEOUT, else 600; 0: forever), then
-    ``PeersMissingError`` names the tasks that never answered; SIGTERM ends the wait."""
-    config = read_tf_config()
-    wait_for_peers(peer_timeout)  # before TensorFlow's own wait, which has no limit
-    import tensorflow as tf
-
-    if config and is_parameter_server_cluster():
-        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-        return tf.distribute.experimental.ParameterServerStrategy(
-            resolver, variable_partitioner=variable_partitioner
-        )
-    if config:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.MirroredStrategy()

@@ -1,6 +1,6 @@
 """The tiny parent of every task ``radam-dist launch`` starts; stdlib only, run by file path.
 
-    python _supervisor.py --parent PID --grace S --stop-grace S [--netns NAME] -- COMMAND...
+    python supervisor.py --parent PID --grace S --stop-grace S [--netns NAME] -- COMMAND...
 
 Why a process between the launcher and the task: ``PR_SET_PDEATHSIG`` only reaches a direct
 child, and a task's own children (data loaders, a shell's pipeline, a server it forked) are
@@ -110,7 +110,7 @@ def _exit_like(status: int) -> None:
 
 def main(argv: list) -> None:
     if "--" not in argv:
-        sys.exit("usage: _supervisor.py --parent PID --grace S --stop-grace S [--netns NAME] "
+        sys.exit("usage: supervisor.py --parent PID --grace S --stop-grace S [--netns NAME] "
                  "-- COMMAND...")
     split = argv.index("--")
     options, command = argv[:split], argv[split + 1:]

@@ -1,0 +1,1 @@
+"""Horovod: a two-rank ``horovodrun --gloo`` job (``demo.run``)."""
