@@ -182,7 +182,9 @@ def run_pair(session: nox.Session, python: str, tf: str) -> None:
                             *files, *session.posargs, env=env, external=True,
                             stdout=out, stderr=subprocess.STDOUT)
         finally:
-            tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+            # pytest's summary line (a TensorFlow log line may follow it in the output)
+            lines = log.read_text().strip().splitlines() if log.exists() else []
+            tail = [ln for ln in lines if " passed" in ln or " failed" in ln or " error" in ln][-1:]
             session.log(f"{name}: {tail} in {time.monotonic() - started:.0f} s (log: {log})")
 
 

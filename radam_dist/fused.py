@@ -279,18 +279,17 @@ def _apply_dense_rows(updates: Sequence[DenseUpdate], cache: dict,
     groups: Dict[Tuple[int, bool, bool], List[DenseUpdate]] = {}
     for update in updates:
         groups.setdefault(_group_key(update), []).append(update)
-    for (_, has_decay, has_vhat), members in groups.items():
-        members = sorted(members, key=lambda u: (u.var.dtype.name, tuple(u.var.value.shape)))
-        for start in range(0, len(members), MAX_GROUP):
-            chunk = members[start : start + MAX_GROUP]
-            key = ("radam-rows", device, has_decay, has_vhat) + tuple(
-                (u.var.dtype.name, tuple(u.var.value.shape), u.grad.dtype.name) for u in chunk)
-            compiled = cache.get(key)
-            if compiled is None:
-                compiled = cache[key] = _compiled_rows_update()
+    for (_, has_decay, has_vhat), group in groups.items():
+
+        def call(compiled, chunk, has_vhat=has_vhat):
             new = compiled([u.var.value for u in chunk], [u.m for u in chunk],
-                           [u.v for u in chunk],
-                           [u.vhat for u in chunk] if has_vhat else [],
+                           [u.v for u in chunk], [u.vhat for u in chunk] if has_vhat else [],
                            [u.grad for u in chunk], chunk[0].scalars)
             for u, value in zip(chunk, new):
                 u.var.value = value
+
+        def key(chunk, variant=(has_decay, has_vhat)):
+            return ("radam-rows", device) + variant + tuple(
+                (u.var.dtype.name, tuple(u.var.shape), u.grad.dtype.name) for u in chunk)
+
+        _in_chunks(group, cache, key, _compiled_rows_update, call)

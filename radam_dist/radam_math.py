@@ -265,6 +265,10 @@ class Rows:
     def dtype(self):
         return self.value.dtype
 
+    @property
+    def shape(self):
+        return self.value.shape
+
     def assign(self, value):
         self.value = value
 
