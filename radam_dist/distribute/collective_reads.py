@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
 import time
 from typing import List, Optional, Tuple
 
 import tensorflow as tf
 from tensorflow.python.eager import context
+
+from radam_dist import _env
 
 TIMEOUT_ENV = "RADAM_DIST_ZERO_READ_TIMEOUT"
 DEFAULT_TIMEOUT_S = 30.0
@@ -63,16 +64,8 @@ def message(me: str, missing: str, why: str, timeout: float) -> str:
 
 
 def timeout_s() -> float:
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be positive, got {raw!r}")
-    return value
+    """How long a worker waits for the others to join a read (``$RADAM_DIST_ZERO_READ_TIMEOUT``)."""
+    return _env.seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 def _tasks(strategy) -> Tuple[str, List[str]]:

@@ -17,6 +17,8 @@ import socket
 import time
 from typing import Dict, List, Optional, Tuple
 
+from radam_dist import _env
+
 # The logger keeps the name it had before the module moved here: log filters and the lines
 # tasks print stay the same.
 log = logging.getLogger("radam_dist.distribute.cluster")
@@ -125,13 +127,7 @@ def peer_timeout_seconds(value: Optional[float] = None) -> float:
     """Seconds to wait for the cluster's other tasks: ``value``, else $RADAM_DIST_PEER_TIMEOUT,
     else 600 (0: wait forever)."""
     if value is None:
-        raw = os.environ.get(PEER_TIMEOUT_ENV, "").strip()
-        if not raw:
-            return DEFAULT_PEER_TIMEOUT
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"${PEER_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+        return _env.seconds(PEER_TIMEOUT_ENV, DEFAULT_PEER_TIMEOUT, zero_means="wait forever")
     if not value >= 0:
         raise ValueError(f"peer timeout must be >= 0 seconds (0: wait forever), got {value}")
     return float(value)
