@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -184,7 +185,7 @@ def run_pair(session: nox.Session, python: str, tf: str) -> None:
         finally:
             # pytest's summary line (a TensorFlow log line may follow it in the output)
             lines = log.read_text().strip().splitlines() if log.exists() else []
-            tail = [ln for ln in lines if " passed" in ln or " failed" in ln or " error" in ln][-1:]
+            tail = [ln for ln in lines if re.search(r"\d+ (passed|failed|errors?)\b", ln)][-1:]
             session.log(f"{name}: {tail} in {time.monotonic() - started:.0f} s (log: {log})")
 
 
