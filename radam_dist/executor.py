@@ -19,19 +19,17 @@ device's copy, which replica's rows, which gradient. This module decides *how*:
 
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
 from radam_dist import fused, native, radam_math
 
-NATIVE = "native"  # the kernel names of step/plan.py (which sits above this module's callers)
-
-
-def _placed(device: Optional[str]):
-    # tf.device(None) would clear the caller's device scope inside a tf.function.
-    return contextlib.nullcontext() if device is None else tf.device(device)
+# The kernels a step plan (step/plan.py) names; plan.kernel / plan.pull_back_kernel return one.
+NATIVE = "native"  # the one-pass CPU kernel (radam_dist/native)
+XLA_CHUNKS = "xla-chunks"  # compiled chunks (fused.py)
+INLINE = "inline"  # a caller's own jit_compile compiles the step: radam_math's ops go in as is
+PER_VARIABLE = "per-variable"  # one TF op at a time (update_one, pull_back_one)
 
 
 def update_dense(updates: Sequence[fused.DenseUpdate], *, plan, cache: dict,
@@ -40,7 +38,7 @@ def update_dense(updates: Sequence[fused.DenseUpdate], *, plan, cache: dict,
     variables are), each by the kernel ``plan.kernel`` picks: the one-pass kernel, else
     compiled chunks (which a caller's jit_compile inlines). Rows targets get their new value.
     ``cache`` is the optimizer's: compiled chunks are kept from step to step."""
-    with _placed(device):
+    with fused.placed(device):
         chunked = []
         for update in updates:
             if plan.kernel(update, device) == NATIVE:
@@ -68,7 +66,7 @@ def update_rows(updates: Sequence[fused.DenseUpdate], *, plan, cache: dict,
     if plan.compiles_rows():
         update_dense(updates, plan=plan, cache=cache, device=device)
     else:
-        with _placed(device):
+        with fused.placed(device):
             for u in updates:
                 update_one(u.var, u.grad, u.m, u.v, u.vhat, u.scalars)
     return [tf.convert_to_tensor(u.var) for u in updates]
@@ -78,14 +76,14 @@ def pull_back(pairs: Sequence[Tuple], slow_step_size: float, one, *, plan, cache
               device: Optional[str] = None) -> None:
     """Lookahead's synchronisation (``radam_math.lookahead_pull_back``) of every (fast, slow)
     pair: by the one-pass kernel, in compiled chunks, or inline in a caller's XLA."""
-    with _placed(device):
+    with fused.placed(device):
         rest = []
         for var, slow in pairs:
             kernel = plan.pull_back_kernel(var, slow, device)
             if kernel == NATIVE:
                 native.pull_back(var, slow, slow_step_size)
-            elif kernel == "inline":  # the caller compiles the whole step
-                radam_math.lookahead_pull_back(var, slow, slow_step_size, one)
+            elif kernel == INLINE:  # the caller compiles the whole step
+                pull_back_one(var, slow, slow_step_size, one)
             else:
                 rest.append((var, slow))
         if rest:

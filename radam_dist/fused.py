@@ -185,7 +185,7 @@ def apply_dense(updates: Sequence[DenseUpdate], cache: Optional[dict] = None,
     compilations of its own.
     """
     cache = {} if cache is None else cache
-    with _placed(device):
+    with placed(device):
         variables = [u for u in updates if not isinstance(u.var, radam_math.Rows)]
         rows = [u for u in updates if isinstance(u.var, radam_math.Rows)]
         if variables:
@@ -194,7 +194,8 @@ def apply_dense(updates: Sequence[DenseUpdate], cache: Optional[dict] = None,
             _apply_dense_rows(rows, cache, device)
 
 
-def _placed(device: Optional[str]):
+def placed(device: Optional[str]):
+    """``tf.device(device)``, or no scope for None."""
     # tf.device(None) would clear the caller's device scope inside a tf.function.
     return contextlib.nullcontext() if device is None else tf.device(device)
 
@@ -238,7 +239,7 @@ def pull_back(
     ``apply_dense``.
     """
     cache = {} if cache is None else cache
-    with _placed(device):
+    with placed(device):
         alpha = tf.constant(slow_step_size, tf.float32)
         _in_chunks(
             pairs, cache,

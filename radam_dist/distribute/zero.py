@@ -263,7 +263,6 @@ class ReplicaSharded(StateLayout):
 
     def __init__(self):
         self.state = None
-        self.exchange = None  # how the last traced step exchanged gradients (StepPlan.zero_exchange)
         self.sparse_index_bytes = {}  # variables whose gradients were IndexedSlices
         self._insert_at = None
         self._checkpoint_list = None
@@ -327,7 +326,7 @@ class ReplicaSharded(StateLayout):
 
 
 # -- how the gradients reach each replica's chunk -------------------------------------------------
-# The exchange a step uses (``ReplicaSharded.exchange`` / ``exchange_path``):
+# The exchange a step uses (its plan's ``last_exchange``, ``exchange_path``):
 LOCAL_REDUCE_SCATTER = "local-reduce-scatter"
 ALL_TO_ALL = "all-to-all"
 ALL_REDUCE_SLICE = "all-reduce+slice"
@@ -337,21 +336,14 @@ ALL_REDUCE_SLICE = "all-reduce+slice"
 # exchange is chosen: TensorFlow has no CPU reduce-scatter collective).
 EXCHANGE_ENV = "RADAM_DIST_ZERO_EXCHANGE"
 
-def note_exchange(optimizer, exchange: str, why: str) -> None:
-    """Record the exchange a traced step took: in the optimizer's step plan (which logs it)
-    and in its layout (``exchange_path``, ``bytes_sent_per_replica``)."""
-    optimizer.step_plan().note_exchange(exchange, why)
-    optimizer.state_layout.exchange = exchange
-
-
 def exchange_path(optimizer) -> Optional[str]:
     """The exchange the last traced ZeRO step of ``optimizer`` (or of Lookahead's inner
     optimizer) used: ``LOCAL_REDUCE_SCATTER``, ``ALL_TO_ALL``, ``ALL_REDUCE_SLICE``, or None
     (not sharded / not stepped yet)."""
     for opt in (getattr(optimizer, "inner_optimizer", None), optimizer):  # gradients first
-        layout = getattr(opt, "state_layout", None)
-        if getattr(layout, "exchange", None):
-            return layout.exchange
+        plan = opt.step_plan() if hasattr(opt, "step_plan") else None
+        if plan is not None and plan.layout.shards_state and plan.last_exchange:
+            return plan.last_exchange[0]
     return None
 
 
@@ -418,8 +410,9 @@ def apply_gradients(optimizer, state: ChunkedState, grads: Sequence, variables: 
     if ctx is None:
         raise ValueError("shard_optimizer_state=True: apply() must run in a replica context")
     variables = [_unwrap(v) for v in variables]
-    exchange, why = optimizer.step_plan().zero_exchange()
-    note_exchange(optimizer, exchange, why)
+    plan = optimizer.step_plan()
+    exchange, why = plan.zero_exchange()
+    plan.note_exchange(exchange, why)
     layout = optimizer.state_layout
     if layout is not None:  # for bytes_sent_per_replica
         layout.sparse_index_bytes = {
@@ -824,8 +817,9 @@ def lookahead_sync(lookahead, state: ChunkedState, variables: Sequence, sync) ->
     do not sync exchange nothing (the decision is taken in cross-replica context)."""
     ctx = tf.distribute.get_replica_context()
     variables = [_unwrap(v) for v in variables]
-    exchange, why = lookahead.step_plan().zero_exchange()
-    note_exchange(lookahead, exchange, why)
+    plan = lookahead.step_plan()
+    exchange, why = plan.zero_exchange()
+    plan.note_exchange(exchange, why)
     if exchange == LOCAL_REDUCE_SCATTER:
         ctx.merge_call(functools.partial(_local_sync, lookahead, state, variables),
                        args=(sync,))

@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import tensorflow as tf
 
 from radam_dist import fused, native, radam_math
+from radam_dist.executor import INLINE, NATIVE, PER_VARIABLE, XLA_CHUNKS
 from radam_dist._env import switched_on
 from radam_dist.distribute import gradient_sums, layouts, zero
 from radam_dist.distribute.zero import ALL_REDUCE_SLICE, ALL_TO_ALL, LOCAL_REDUCE_SCATTER
@@ -59,10 +60,7 @@ COMPRESSED_ALL_REDUCE = "all-reduce (float16)"
 SPLIT_ALL_REDUCE = "all-reduce, large apart"
 IN_GRAPH_SUM = "in-graph sum"
 
-NATIVE = "native"
-XLA_CHUNKS = "xla-chunks"
-INLINE = "inline"
-PER_VARIABLE = "per-variable"
+# The kernels (NATIVE, XLA_CHUNKS, INLINE, PER_VARIABLE) are named in executor.py, which runs them.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +120,15 @@ class StepPlan:
         Only a single-worker MirroredStrategy with merge_call, more than one replica, the
         float32 all-reduce and no clipping (which needs the summed gradient before the
         update)."""
+        return self._sums_in_graph_under(_replicated_strategy_extended())
+
+    def sums_large_gradients_apart(self) -> bool:
+        """Does this step all-reduce its large dense gradients one by one (MWMS, float32)?"""
+        return self._sums_apart_under(_replicated_strategy_extended())
+
+    def _sums_in_graph_under(self, extended) -> bool:
+        """``sums_in_graph`` where the step's strategy is ``extended`` (None: no strategy or
+        one replica)."""
         from tensorflow.python.distribute import mirrored_strategy  # pylint: disable=import-outside-toplevel
 
         optimizer = self._optimizer
@@ -129,20 +136,18 @@ class StepPlan:
             return False
         if any(getattr(optimizer, name, None) for name in ("clipnorm", "global_clipnorm", "clipvalue")):
             return False
-        extended = _replicated_strategy_extended()
         return (type(extended) is mirrored_strategy.MirroredExtended  # pylint: disable=unidiomatic-typecheck
                 and not getattr(extended, "_is_multi_worker_training", False)
                 and extended._use_merge_call())  # pylint: disable=protected-access
 
-    def sums_large_gradients_apart(self) -> bool:
-        """Does this step all-reduce its large dense gradients one by one (MWMS, float32)?"""
+    def _sums_apart_under(self, extended) -> bool:
         # pylint: disable-next=import-outside-toplevel
         from tensorflow.python.distribute import collective_all_reduce_strategy as cars
 
         if not self.switches.split_all_reduce or getattr(
                 self._optimizer, "all_reduce_dtype", None) is not None:
             return False
-        return isinstance(_replicated_strategy_extended(), cars.CollectiveAllReduceExtended)
+        return isinstance(extended, cars.CollectiveAllReduceExtended)
 
     def exchange(self, traced: bool = True) -> Tuple[str, str]:
         """(exchange, why) of a step traced now (``traced=False``: of a step in
@@ -156,10 +161,12 @@ class StepPlan:
             return NO_EXCHANGE, "the caller summed the gradients"
         if getattr(optimizer, "all_reduce_dtype", None) is not None:
             return COMPRESSED_ALL_REDUCE, "all_reduce_dtype='float16'"
-        if self.sums_in_graph() if traced else self._would_sum_in_graph():
+        # traced: the context the step is traced in; else the strategy's, as strategy.run has it
+        extended = _replicated_strategy_extended() if traced else self.strategy.extended
+        if self._sums_in_graph_under(extended):
             return IN_GRAPH_SUM, ("single-worker MirroredStrategy: every device adds the "
                                   f"replicas' gradients itself ({INGRAPH_SWITCH}=0: Keras')")
-        if self.sums_large_gradients_apart() if traced else self._would_split():
+        if self._sums_apart_under(extended):
             return SPLIT_ALL_REDUCE, ("MWMS: each gradient of 1 MiB or more in a collective of "
                                       f"its own ({SPLIT_SWITCH}=0: one pack)")
         return ALL_REDUCE, "Keras' cross-replica sum"
@@ -192,14 +199,15 @@ class StepPlan:
             return ALL_REDUCE_SLICE, f"{ZERO_EXCHANGE_ENV}=all-reduce"
         optimizer, strategy = self._optimizer, self.strategy
         extended = strategy.extended
-        compressed = getattr(optimizer, "all_reduce_dtype", None) is not None
         clipping = [name for name in ("clipnorm", "global_clipnorm")
                     if (getattr(optimizer, name, None) or 0) > 0]
+        # Why the step needs the whole summed gradient, if it does.
+        needs_whole = ("all_reduce_dtype (compressed all-reduce) is set"
+                       if getattr(optimizer, "all_reduce_dtype", None) is not None else
+                       f"{clipping[0]} needs the whole summed gradient" if clipping else None)
         if extended._in_multi_worker_mode():  # pylint: disable=protected-access
-            if compressed:
-                return ALL_REDUCE_SLICE, "all_reduce_dtype (compressed all-reduce) is set"
-            if clipping:
-                return ALL_REDUCE_SLICE, f"{clipping[0]} needs the whole summed gradient"
+            if needs_whole:
+                return ALL_REDUCE_SLICE, needs_whole
             if not getattr(optimizer, "_aggregate_gradients", True):
                 return ALL_REDUCE_SLICE, "gradients already summed: each replica slices its rows"
             if zero.collective_launcher(strategy, 0) is None:
@@ -212,31 +220,9 @@ class StepPlan:
         use_merge_call = getattr(extended, "_use_merge_call", lambda: True)
         if not use_merge_call():
             return ALL_REDUCE_SLICE, "replica context without merge_call (XLA on GPUs)"
-        if compressed:
-            return ALL_REDUCE_SLICE, "all_reduce_dtype (compressed all-reduce) is set"
-        if clipping:
-            return ALL_REDUCE_SLICE, f"{clipping[0]} needs the whole summed gradient"
+        if needs_whole:
+            return ALL_REDUCE_SLICE, needs_whole
         return LOCAL_REDUCE_SCATTER, "single-worker MirroredStrategy: in-graph reduce-scatter"
-
-    def _would_sum_in_graph(self) -> bool:
-        """``sums_in_graph`` as a step in ``strategy.run`` would see it (for ``describe``)."""
-        from tensorflow.python.distribute import mirrored_strategy  # pylint: disable=import-outside-toplevel
-
-        optimizer, extended = self._optimizer, self.strategy.extended
-        return (self.switches.in_graph_sum and getattr(optimizer, "all_reduce_dtype", None) is None
-                and not any(getattr(optimizer, n, None) for n in
-                            ("clipnorm", "global_clipnorm", "clipvalue"))
-                and type(extended) is mirrored_strategy.MirroredExtended  # pylint: disable=unidiomatic-typecheck
-                and not getattr(extended, "_is_multi_worker_training", False)
-                and extended._use_merge_call())  # pylint: disable=protected-access
-
-    def _would_split(self) -> bool:
-        # pylint: disable-next=import-outside-toplevel
-        from tensorflow.python.distribute import collective_all_reduce_strategy as cars
-
-        return (self.switches.split_all_reduce
-                and getattr(self._optimizer, "all_reduce_dtype", None) is None
-                and isinstance(self.strategy.extended, cars.CollectiveAllReduceExtended))
 
     def note_exchange(self, exchange: str, why: str) -> None:
         """Record (and log once per kind) the exchange a traced step took."""
